@@ -1,0 +1,1 @@
+"""The step API that users write against, and the reference agent steps."""

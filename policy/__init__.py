@@ -1,0 +1,1 @@
+"""The policy gate (a step), the Rego engine wrapper and the decision model."""

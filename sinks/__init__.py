@@ -1,0 +1,1 @@
+"""Postgres: migrations, the audit writer, the state and offset checkpoint store, queries."""

@@ -1,0 +1,1 @@
+"""The application: settings, the CLI, pipeline assembly and the local stack."""

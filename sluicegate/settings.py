@@ -1,0 +1,49 @@
+"""Settings from ``SLUICE_*`` environment variables.
+
+An unset service URL means "use the local stack": ``sluice local up`` starts
+that service on its own loopback port and the URL below points at it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TransportName = Literal["nats", "kafka"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore")
+
+    transport: TransportName = "nats"
+    nats_url: str | None = None
+    kafka_bootstrap: str | None = None
+    database_url: str | None = None
+    topic_prefix: str = Field(default="sluice", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    partitions: int = Field(default=4, ge=1, le=256)
+    otlp_endpoint: str | None = None
+
+    # The local stack: where it keeps its files and which loopback ports it uses.
+    home: Path = Path(".sluice")
+    local_nats_port: int = Field(default=14222, ge=1, le=65535)
+    local_kafka_port: int = Field(default=19092, ge=1, le=65535)
+    local_postgres_port: int = Field(default=15432, ge=1, le=65535)
+
+    @field_validator("nats_url", "kafka_bootstrap", "database_url", "otlp_endpoint")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    def resolved_nats_url(self) -> str:
+        return self.nats_url or f"nats://127.0.0.1:{self.local_nats_port}"
+
+    def resolved_kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.local_kafka_port}"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or (
+            f"postgresql://postgres@127.0.0.1:{self.local_postgres_port}/postgres"
+        )

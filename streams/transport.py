@@ -1,0 +1,141 @@
+"""The ``Transport`` protocol that the NATS, Kafka and in-memory transports implement.
+
+Topics are named logically (``tasks``, ``results``, ...); each transport maps
+a logical name to its own objects under a prefix (Kafka topic
+``<prefix>.<name>``; NATS stream ``<prefix>_<name>`` with subjects
+``<prefix>.<name>.<partition>``).
+
+Offsets: a message's ``offset`` is the Kafka offset or the JetStream stream
+sequence. Within one partition offsets only grow, which is all the runner
+needs to skip what Postgres says it has already processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from streams.partitioning import partition_for
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TopicPartition:
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as consumed. ``topic`` is the logical topic name."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str]
+    timestamp_ms: int
+    # Transport-specific handle (the NATS message, for acking); not compared.
+    handle: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """A message to produce. Without ``partition`` it goes to ``partition_for(key)``."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: Mapping[str, str] | None = None
+    partition: int | None = None
+
+
+StartFrom = Literal["earliest", "latest"]
+PartitionsCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]
+
+
+class TransportError(RuntimeError):
+    """A broker refused or failed an operation; the message names which."""
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """Batches of messages from the partitions this worker owns."""
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Message]:
+        """Return up to ``max_messages`` (possibly none after ``timeout`` seconds).
+
+        Messages of one partition come in offset order.
+        """
+        ...
+
+    async def commit(self, messages: Sequence[Message]) -> None:
+        """Mark done everything up to the highest offset per partition in ``messages``.
+
+        Kafka commits ``offset + 1``; NATS sends AckAll on the last message of
+        each partition. Only meaningful for group subscriptions.
+        """
+        ...
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Make the next fetch of ``tp`` start at ``offset`` (the first one to read)."""
+        ...
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions currently owned."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    name: str
+    prefix: str
+    partitions: int
+
+    async def connect(self) -> None: ...
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Create the topics (with ``partitions`` partitions) that do not exist yet."""
+        ...
+
+    async def publish(self, message: OutMessage) -> None:
+        """Publish one message and wait for the broker's ack."""
+        ...
+
+    async def publish_batch(self, messages: Sequence[OutMessage]) -> None:
+        """Publish many messages pipelined, returning once the broker acked all of them."""
+        ...
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        group: str | None,
+        partitions: Sequence[int] | None = None,
+        start: StartFrom = "earliest",
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+    ) -> Subscription:
+        """Consume ``topics``.
+
+        ``group`` names a consumer group (Kafka) or durable consumers (NATS,
+        one per group and partition). ``group=None`` is an observer that joins
+        no group and moves no offsets (``sluice tail``). ``partitions`` selects
+        owned partitions statically (NATS ``--instance i/n``); ``None`` means
+        all of them (NATS) or what the group assigns (Kafka). ``on_assign`` is
+        awaited before the first fetch from newly owned partitions.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+def partition_of(transport: Transport, key: bytes | None) -> int:
+    return partition_for(key, transport.partitions)

@@ -1,0 +1,1 @@
+"""Transport implementations: NATS JetStream, Kafka (aiokafka) and in-memory."""

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import configured, require_reachable
+
+
+@pytest.fixture(scope="session")
+def stack_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sluice-stack")
+
+
+@pytest.fixture(scope="session")
+def nats_url(stack_home: Path) -> Iterator[str]:
+    url = configured("SLUICE_NATS_URL")
+    if url:
+        require_reachable("SLUICE_NATS_URL", url, 4222)
+        yield url
+        return
+    from sluicegate import localstack
+
+    service = localstack.start_nats(port=localstack.free_port(), home=stack_home)
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack_home: Path) -> Iterator[str]:
+    url = configured("SLUICE_KAFKA_BOOTSTRAP")
+    if url:
+        require_reachable("SLUICE_KAFKA_BOOTSTRAP", url, 9092)
+        yield url
+        return
+    from sluicegate import localstack
+
+    service = localstack.start_kafka(port=localstack.free_port(), home=stack_home)
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(stack_home: Path) -> Iterator[str]:
+    url = configured("SLUICE_DATABASE_URL")
+    if url:
+        require_reachable("SLUICE_DATABASE_URL", url, 5432)
+        yield url
+        return
+    from sluicegate import localstack
+
+    service = localstack.start_postgres(port=localstack.free_port(), home=stack_home)
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix unique to one test, so tests never see each other's messages."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+TransportFactory = Callable[..., object]
+
+
+@pytest.fixture
+async def make_transport(
+    request: pytest.FixtureRequest, prefix: str
+) -> AsyncIterator[Callable[..., object]]:
+    """Build connected transports of one kind; all are closed after the test."""
+    made: list[object] = []
+
+    async def factory(kind: str, *, partitions: int = 3, prefix_: str | None = None) -> object:
+        p = prefix_ or prefix
+        if kind == "memory":
+            from streams.transports.memory import MemoryTransport
+
+            t: object = MemoryTransport(prefix=p, partitions=partitions)
+        elif kind == "nats":
+            from streams.transports.nats import NatsTransport
+
+            t = NatsTransport(request.getfixturevalue("nats_url"), prefix=p, partitions=partitions)
+        elif kind == "kafka":
+            from streams.transports.kafka import KafkaTransport
+
+            t = KafkaTransport(
+                request.getfixturevalue("kafka_bootstrap"), prefix=p, partitions=partitions
+            )
+        else:
+            raise ValueError(kind)
+        await t.connect()  # type: ignore[attr-defined]
+        made.append(t)
+        return t
+
+    yield factory
+    for t in reversed(made):
+        await t.close()  # type: ignore[attr-defined]
