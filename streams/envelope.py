@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streams.ids import derived_id, new_id
 
-SPECVERSION = "1.0"
-DATACONTENTTYPE = "application/json"
+SPECVERSION: Literal["1.0"] = "1.0"
+DATACONTENTTYPE: Literal["application/json"] = "application/json"
 
 
 def _now() -> datetime:

@@ -1,0 +1,245 @@
+"""What the runner needs from a step, and what a step sees while it runs.
+
+A step is an object with a ``name``, declared ``inputs`` and ``outputs``
+topics, and ``async process(event, ctx) -> list[Output]``. The user-facing API
+(base class, decorator) lives in ``agents``; the runner only relies on the
+``Processor`` protocol here, so it does not care which engine or transport
+runs the step.
+
+The context gives the step the keyed state of the event's (tenant, session),
+a way to build output events with deterministic ids, and a way to add audit
+records and final results to the batch's Postgres transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from streams.envelope import Event
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One event a step emits, and the logical topic it goes to."""
+
+    topic: str
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audit row, before the writer chains and hashes it.
+
+    ``kind`` is ``processed``, ``decision``, ``dead_letter`` or
+    ``shadow_divergence``.
+    """
+
+    kind: str
+    step: str
+    event_id: str
+    event_type: str
+    tenant: str
+    session: str
+    causation_id: str | None = None
+    decision: str | None = None
+    reasons: tuple[str, ...] = ()
+    policy_version: str | None = None
+    trace_id: str | None = None
+    detail: JSON = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """A final answer for one accepted upstream task (``results`` table)."""
+
+    task_id: str
+    tenant: str
+    session: str
+    status: str
+    answer: JSON
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateKey:
+    tenant: str
+    session: str
+
+
+class Context:
+    """Per-event view handed to ``process``. Built by the runner; not shared across events."""
+
+    __slots__ = ("_index", "audit", "data", "event", "partition", "results", "state", "step")
+
+    def __init__(
+        self,
+        *,
+        step: str,
+        event: Event,
+        state: MutableMapping[str, Any],
+        partition: int,
+        data: BaseModel | None = None,
+    ) -> None:
+        self.step = step
+        self.event = event
+        self.state = state
+        self.partition = partition
+        # ``event.data`` validated against the step's model for its type, if it declares one.
+        self.data = data
+        self.audit: list[AuditRecord] = []
+        self.results: list[ResultRecord] = []
+        self._index = 0
+
+    def output(
+        self, topic: str, type: str, data: JSON, *, subject: str | None = None
+    ) -> Output:
+        """An output event derived from the input, with a deterministic id."""
+        event = self.event.derive(
+            step=self.step, index=self._index, type=type, data=data, subject=subject
+        )
+        self._index += 1
+        return Output(topic, event)
+
+    def record(
+        self,
+        kind: str,
+        *,
+        decision: str | None = None,
+        reasons: Sequence[str] = (),
+        policy_version: str | None = None,
+        detail: JSON | None = None,
+        event: Event | None = None,
+    ) -> None:
+        """Add an audit row about ``event`` (default: the input) to this batch."""
+        about = event or self.event
+        self.audit.append(
+            AuditRecord(
+                kind=kind,
+                step=self.step,
+                event_id=about.id,
+                event_type=about.type,
+                tenant=about.tenant,
+                session=about.session,
+                causation_id=about.causationid,
+                decision=decision,
+                reasons=tuple(reasons),
+                policy_version=policy_version,
+                trace_id=trace_id_of(about.traceparent),
+                detail=detail or {},
+            )
+        )
+
+    def result(self, task_id: str, status: str, answer: JSON) -> None:
+        """Store the final result of an upstream task (exactly once, with the batch)."""
+        self.results.append(
+            ResultRecord(
+                task_id=task_id,
+                tenant=self.event.tenant,
+                session=self.event.session,
+                status=status,
+                answer=answer,
+                trace_id=trace_id_of(self.event.traceparent),
+            )
+        )
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """The runner's view of a step.
+
+    ``accepts`` maps each input event type to the pydantic model of its
+    ``data``; an input of another type is a dead letter (``unknown_type``).
+    An empty mapping accepts every type unvalidated.
+    """
+
+    name: str
+    inputs: Sequence[str]
+    outputs: Sequence[str]
+    accepts: Mapping[str, type[BaseModel]]
+
+    async def process(self, event: Event, ctx: Context) -> list[Output]: ...
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id field of a W3C ``traceparent`` (``00-<trace>-<span>-<flags>``)."""
+    if not traceparent:
+        return None
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+class TickContext:
+    """What a step's optional ``tick(now, tc)`` sees: the states of its owned sessions.
+
+    The runner calls ``tick`` between batches (about once a second) on steps
+    that define it, for time-driven work such as deadlines. A tick has no input
+    event, so outputs get ids derived from a seed the step chooses (for
+    example the task id), which keeps them deterministic across a replay.
+    Changes to the states it hands out are committed with the next batch.
+    """
+
+    def __init__(
+        self, *, step: str, states: Mapping[StateKey, MutableMapping[str, Any]]
+    ) -> None:
+        self.step = step
+        self._states = states
+        self.touched: set[StateKey] = set()
+        self.audit: list[AuditRecord] = []
+        self.results: list[ResultRecord] = []
+
+    def states(self) -> list[tuple[StateKey, MutableMapping[str, Any]]]:
+        """Every loaded session state; reading one marks it as possibly changed."""
+        items = list(self._states.items())
+        self.touched.update(key for key, _ in items)
+        return items
+
+    def output(
+        self,
+        key: StateKey,
+        topic: str,
+        type: str,
+        data: JSON,
+        *,
+        seed: str,
+        causation: Event | None = None,
+        traceparent: str | None = None,
+    ) -> Output:
+        from streams.ids import derived_id
+
+        event = Event(
+            id=derived_id(seed, f"{self.step}.tick", 0),
+            source=f"sluicegate/{self.step}",
+            type=type,
+            tenant=key.tenant,
+            session=key.session,
+            causationid=causation.id if causation else seed,
+            traceparent=traceparent,
+            data=data,
+        )
+        return Output(topic, event)
+
+    def result(
+        self,
+        key: StateKey,
+        task_id: str,
+        status: str,
+        answer: JSON,
+        *,
+        traceparent: str | None = None,
+    ) -> None:
+        self.results.append(
+            ResultRecord(
+                task_id=task_id,
+                tenant=key.tenant,
+                session=key.session,
+                status=status,
+                answer=answer,
+                trace_id=trace_id_of(traceparent),
+            )
+        )
