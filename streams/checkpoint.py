@@ -19,6 +19,9 @@ from typing import Protocol, runtime_checkable
 from streams.step import AuditRecord, ResultRecord, StateKey
 from streams.transport import TopicPartition
 
+# Audit kinds written once per input event (the runner's dedupe record).
+INPUT_KINDS = ("processed", "dead_letter")
+
 
 class StaleBatchError(RuntimeError):
     """Another worker already committed past this batch's offsets."""
@@ -51,6 +54,15 @@ class CheckpointStore(Protocol):
         """Every stored session state of ``step`` in ``partitions``."""
         ...
 
+    async def load_recent_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        """Ids of the last ``limit`` input events ``step`` processed in ``partition``.
+
+        Read from the audit log, which has one row per processed input and is
+        written in the same transaction as the offsets: it is the record the
+        runner dedupes re-produced events against after a restart.
+        """
+        ...
+
     async def commit(self, batch: CommitBatch) -> None:
         """Write the batch in one transaction, or raise ``StaleBatchError``."""
         ...
@@ -76,10 +88,16 @@ class MemoryCheckpointStore:
     async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
         wanted = set(partitions)
         return {
-            key: blob
-            for (s, key), (p, blob) in self.states.items()
-            if s == step and p in wanted
+            key: blob for (s, key), (p, blob) in self.states.items() if s == step and p in wanted
         }
+
+    async def load_recent_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        ids = [
+            r.event_id
+            for p, r in self.audit
+            if p == partition and r.step == step and r.kind in INPUT_KINDS
+        ]
+        return set(ids[-limit:])
 
     async def commit(self, batch: CommitBatch) -> None:
         for tp, (first, _last) in batch.offsets.items():

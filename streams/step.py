@@ -96,9 +96,7 @@ class Context:
         self.results: list[ResultRecord] = []
         self._index = 0
 
-    def output(
-        self, topic: str, type: str, data: JSON, *, subject: str | None = None
-    ) -> Output:
+    def output(self, topic: str, type: str, data: JSON, *, subject: str | None = None) -> Output:
         """An output event derived from the input, with a deterministic id."""
         event = self.event.derive(
             step=self.step, index=self._index, type=type, data=data, subject=subject
@@ -184,9 +182,7 @@ class TickContext:
     Changes to the states it hands out are committed with the next batch.
     """
 
-    def __init__(
-        self, *, step: str, states: Mapping[StateKey, MutableMapping[str, Any]]
-    ) -> None:
+    def __init__(self, *, step: str, states: Mapping[StateKey, MutableMapping[str, Any]]) -> None:
         self.step = step
         self._states = states
         self.touched: set[StateKey] = set()
