@@ -1,1 +1,12 @@
-"""The step API that users write against, and the reference agent steps."""
+"""The step API that users write against, and the reference agent steps.
+
+- ``api``: the ``Step`` base class and the ``step`` decorator;
+- ``schemas`` and ``topics``: event types, their data models, topic names;
+- the reference steps, one module each: ``intake``, ``history`` (the
+  ``context`` step), ``planner`` (with ``rule_planner`` and
+  ``openai_planner``), ``gate`` (allow-all), ``executor`` (the ``tools``
+  step, running ``agents.tools``) and ``responder``;
+- ``pipeline``: the steps in order; ``testing``: an in-process driver.
+
+Nothing here imports ``sluicegate``; only ``streams`` and third-party code.
+"""

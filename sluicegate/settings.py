@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     nats_url: str | None = None
     kafka_bootstrap: str | None = None
     database_url: str | None = None
+    db_schema: str = Field(default="sluice", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     topic_prefix: str = Field(default="sluice", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     partitions: int = Field(default=4, ge=1, le=256)
     otlp_endpoint: str | None = None

@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
 from streams.codec import DataRegistry, DecodeError, decode, encode, headers_for
 from streams.envelope import Event
+from streams.partitioning import partition_for
 from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext
 from streams.transport import Message, OutMessage, Subscription, TopicPartition, Transport
 
@@ -220,18 +221,10 @@ class StepRunner:
                 self._offsets[tp] = offsets[tp]
             else:
                 self._offsets.pop(tp, None)
-        # Partition numbers of loaded states are only known per message; states
-        # loaded here belong to the partitions just assigned.
-        if len(partitions) == 1:
-            for key in states:
-                self._state_partition[key] = partitions[0]
-        else:
-            from streams.partitioning import partition_for
-
-            for key in states:
-                self._state_partition[key] = partition_for(
-                    key.session.encode(), self.transport.partitions
-                )
+        for key in states:
+            self._state_partition[key] = partition_for(
+                key.session.encode(), self.transport.partitions
+            )
         if self._sub is not None:
             for tp, offset in offsets.items():
                 await self._sub.seek(tp, offset + 1)
@@ -455,9 +448,7 @@ class StepRunner:
         for key in tc.touched:
             after = orjson.dumps(live[key], option=orjson.OPT_SORT_KEYS)
             if after != self._states.get(key):
-                self._states[key] = after
-                partition = self._state_partition.get(key, 0)
-                batch.states[(partition, key)] = after
+                batch.states[(self._state_partition[key], key)] = after
         batch.results.extend(tc.results)
         for row in tc.audit:
             batch.audit.append(
@@ -466,7 +457,9 @@ class StepRunner:
         if outputs:
             await self.transport.publish_batch([_to_wire(o) for o in outputs])
         if not batch.is_empty():
-            await self.store.commit(batch)
+            await self._commit_with_retry(batch)
+            self._pending_ids = {}
+            self._apply(batch)
 
 
 class _BadOutput(TypeError):
@@ -501,5 +494,5 @@ def _processed_row(ctx: Context, event: Event, outputs: int) -> AuditRecord:
         session=event.session,
         causation_id=event.causationid,
         trace_id=_trace_id(event),
-        detail={"outputs": outputs},
+        detail={**ctx.detail, "outputs": outputs},
     )

@@ -75,7 +75,17 @@ class StateKey:
 class Context:
     """Per-event view handed to ``process``. Built by the runner; not shared across events."""
 
-    __slots__ = ("_index", "audit", "data", "event", "partition", "results", "state", "step")
+    __slots__ = (
+        "_index",
+        "audit",
+        "data",
+        "detail",
+        "event",
+        "partition",
+        "results",
+        "state",
+        "step",
+    )
 
     def __init__(
         self,
@@ -94,6 +104,8 @@ class Context:
         self.data = data
         self.audit: list[AuditRecord] = []
         self.results: list[ResultRecord] = []
+        # Extra detail for the runner's ``processed`` audit row of this input.
+        self.detail: JSON = {}
         self._index = 0
 
     def output(self, topic: str, type: str, data: JSON, *, subject: str | None = None) -> Output:
@@ -156,10 +168,16 @@ class Processor(Protocol):
     An empty mapping accepts every type unvalidated.
     """
 
-    name: str
-    inputs: Sequence[str]
-    outputs: Sequence[str]
-    accepts: Mapping[str, type[BaseModel]]
+    # Read-only properties, so that class attributes (as ``agents.api.Step``
+    # declares them) satisfy the protocol as well as instance attributes.
+    @property
+    def name(self) -> str: ...
+    @property
+    def inputs(self) -> Sequence[str]: ...
+    @property
+    def outputs(self) -> Sequence[str]: ...
+    @property
+    def accepts(self) -> Mapping[str, type[BaseModel]]: ...
 
     async def process(self, event: Event, ctx: Context) -> list[Output]: ...
 

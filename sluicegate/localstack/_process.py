@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 class LocalStackError(RuntimeError):
     """A local service could not be started, reached or stopped."""
+
+
+class InvalidSettingError(LocalStackError):
+    """A SLUICE_* value the stack cannot use as it is (e.g. a URL with no valid port)."""
 
 
 class PortInUseError(LocalStackError):
@@ -209,7 +213,12 @@ def is_our_server(pid: int, kind: ServiceKind, port: int) -> bool:
 
 
 def spawn(
-    argv: Sequence[str], *, log: Path, cwd: Path, run_as: RunAs | None = None
+    argv: Sequence[str],
+    *,
+    log: Path,
+    cwd: Path,
+    run_as: RunAs | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server detached from the caller's terminal session, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +231,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env=env,
             # A new session: closing the shell that ran `sluice local up` sends
             # no SIGHUP to the servers; they run until `sluice local down`.
             start_new_session=True,
@@ -295,8 +305,8 @@ def wait_ready(
     *,
     log: Path,
     timeout: float,
-) -> float:
-    """Poll ``probe`` until it passes; return the seconds it took.
+) -> None:
+    """Poll ``probe`` until it passes.
 
     Fails fast when the process exits, and on timeout; both errors carry the
     end of the service's log, which is where the reason is.
@@ -312,7 +322,7 @@ def wait_ready(
             )
         try:
             probe()
-            return time.monotonic() - started
+            return
         except Exception as exc:  # any failure just means "not ready yet"
             last_error = exc
         if time.monotonic() - started > timeout:
@@ -334,17 +344,25 @@ def launch(
     timeout: float,
     cwd: Path,
     run_as: RunAs | None = None,
+    env: Mapping[str, str] | None = None,
+    since: float | None = None,
 ) -> RunningService:
-    """Spawn, record the pid file, wait until ready; on any failure leave nothing running."""
+    """Spawn, record the pid file, wait until ready; on any failure leave nothing running.
+
+    ``ready_s`` on the result is the time from ``since`` (a ``time.monotonic()``
+    taken before any preparation such as initdb; default: the spawn) to ready.
+    """
+    since = time.monotonic() if since is None else since
     pidfile = pid_path(home, kind)
     refuse_second_instance(kind, pidfile)
     ensure_port_free(kind, port)
     log = log_path(home, kind)
-    proc = spawn(argv, log=log, cwd=cwd, run_as=run_as)
+    proc = spawn(argv, log=log, cwd=cwd, run_as=run_as, env=env)
     write_pidfile(pidfile, proc.pid, url)
     service = RunningService(kind.name, url, proc.pid, "started", pidfile, log)
     try:
-        service.ready_s = wait_ready(kind, proc, probe, log=log, timeout=timeout)
+        wait_ready(kind, proc, probe, log=log, timeout=timeout)
+        service.ready_s = time.monotonic() - since
     except BaseException:
         with contextlib.suppress(LocalStackError):
             stop_pid(proc.pid, kind.stop_signal, name=kind.name, timeout=5.0)

@@ -178,7 +178,9 @@ async def test_on_assign_is_called_before_first_fetch(transport: Transport) -> N
     sub = await transport.subscribe(["tasks", "results"], group="g1", on_assign=on_assign)
     await drain(sub, 1)
     assert seen, "on_assign was never called"
-    expected = {TopicPartition(t, p) for t in ("tasks", "results") for p in range(transport.partitions)}
+    expected = {
+        TopicPartition(t, p) for t in ("tasks", "results") for p in range(transport.partitions)
+    }
     assert set().union(*seen) == expected
     await sub.close()
 

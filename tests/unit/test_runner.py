@@ -152,7 +152,7 @@ async def test_poison_messages_go_to_dlq_and_valid_traffic_continues(setup) -> N
 
 
 async def test_flaky_step_is_retried_and_state_of_failed_attempts_discarded(setup) -> None:  # type: ignore[no-untyped-def]
-    t, store, step, runner = setup
+    t, _store, step, runner = setup
     step.fail_times = {7: 2}
     await publish(t, ping(7))
     await drain_runner(runner)

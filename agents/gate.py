@@ -1,0 +1,36 @@
+"""The ``allow_all`` gate: lets every proposed action through.
+
+It stands in for the policy gate (package ``policy``) until that lands, and
+stays useful for tests and benchmarks that want the pipeline without policy.
+It uses the same step API and event types as the real gate:
+``action.proposed`` on ``actions.proposed`` becomes ``action.allowed`` on
+``actions.allowed`` with decision ``allow``, and each decision is audited.
+"""
+
+from __future__ import annotations
+
+from agents import topics
+from agents.api import Step
+from agents.keyed import data_as
+from agents.schemas import ACTION_ALLOWED, ACTION_PROPOSED, ActionAllowed, ActionProposed
+from streams.envelope import Event
+from streams.step import Context, Output
+
+POLICY_VERSION = "allow-all"
+
+
+class AllowAllGate(Step):
+    name = "allow_all"
+    inputs = (topics.ACTIONS_PROPOSED,)
+    # Never denies, but declares the denied topic like the real gate, so
+    # swapping gates changes no topic layout.
+    outputs = (topics.ACTIONS_ALLOWED, topics.ACTIONS_DENIED)
+    accepts = {ACTION_PROPOSED: ActionProposed}
+
+    async def process(self, event: Event, ctx: Context) -> list[Output]:
+        proposed = data_as(ctx, event, ActionProposed)
+        allowed = ActionAllowed(
+            **proposed.model_dump(), decision="allow", policy_version=POLICY_VERSION
+        )
+        ctx.record("decision", decision="allow", policy_version=POLICY_VERSION)
+        return [ctx.output(topics.ACTIONS_ALLOWED, ACTION_ALLOWED, allowed.model_dump(mode="json"))]

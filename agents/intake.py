@@ -1,0 +1,43 @@
+"""The ``intake`` step: admits upstream tasks once each.
+
+``task.submitted`` on ``tasks`` becomes ``task.accepted`` on
+``tasks.accepted``, with the submitted event's id as the task id. An exact
+duplicate (same event id, e.g. a publisher retry) is dropped and audited.
+The runner already absorbs re-produced ids within its window; the ids kept
+in keyed state here survive restarts and rebalances, per session.
+"""
+
+from __future__ import annotations
+
+from agents import topics
+from agents.api import Step
+from agents.keyed import data_as, duplicate, remember
+from agents.schemas import TASK_ACCEPTED, TASK_SUBMITTED, TaskAccepted, TaskSubmitted
+from streams.envelope import Event
+from streams.step import Context, Output
+
+RECENT_IDS_KEY = "recent_ids"
+
+
+class IntakeStep(Step):
+    name = "intake"
+    inputs = (topics.TASKS,)
+    outputs = (topics.TASKS_ACCEPTED,)
+    accepts = {TASK_SUBMITTED: TaskSubmitted}
+
+    def __init__(self, *, remember_ids: int = 512) -> None:
+        # How many recent task ids per session are kept to drop duplicates.
+        self.remember_ids = remember_ids
+
+    async def process(self, event: Event, ctx: Context) -> list[Output]:
+        task = data_as(ctx, event, TaskSubmitted)
+        if remember(ctx.state, RECENT_IDS_KEY, event.id, self.remember_ids):
+            return duplicate(ctx)
+        accepted = TaskAccepted(
+            task_id=event.id,
+            prompt=task.prompt,
+            agent=task.agent,
+            metadata=task.metadata,
+            submitted_at=event.time,
+        )
+        return [ctx.output(topics.TASKS_ACCEPTED, TASK_ACCEPTED, accepted.model_dump(mode="json"))]

@@ -1,0 +1,53 @@
+# The policy gate's entry point: one decision document per proposed action.
+#
+# The gate queries `data.sluice.gate.decision` and accepts exactly these shapes
+# (anything else, or no value at all, is a deny with `policy_error`):
+#
+#   {"decision": "allow",  "reasons": [],                 "cost": N, "masks": []}
+#   {"decision": "redact", "reasons": ["pii_redacted"],   "cost": N, "masks": [MASK, ...]}
+#   {"decision": "deny",   "reasons": ["<code>", ...]}
+#
+# MASK is {"path": [key or index, ...], "match": "<substring>", "mask": "<replacement>"}:
+# the gate replaces `match` by `mask` in the string at `path` of the arguments.
+#
+# The input (built by the gate, see policy/gate.py) carries exactly what the
+# policy may read, because the gate caches decisions keyed on it:
+#
+#   tenant, agent, tool, args        from the action.proposed event
+#   args_bytes                       size of args as compact JSON
+#   url_host                         host of args.url if an http(s) URL, else null
+#   pii                              PII candidates found in args (see pii.rego)
+#   spend                            spent so far in this session (gate state)
+#   calls_in_window                  allowed calls in the sliding rate window (gate state)
+#
+# Style: every deny reason is the negation of a positive check (`not x_ok`).
+# The RVM turns runtime errors (bad types, missing data) into "undefined", and
+# `not undefined` is true, so a broken check denies instead of letting through.
+package sluice.gate
+
+# Settings of the tenant, over the defaults; unknown tenants get the defaults.
+settings := object.union(data.gate.defaults, object.get(data.gate.tenants, input.tenant, {}))
+
+reasons contains "tool_not_allowed" if not tool_ok
+
+reasons contains "dangerous_tool" if not tool_safe
+
+reasons contains "host_not_allowed" if not host_ok
+
+reasons contains "args_too_large" if not size_ok
+
+reasons contains "budget_exceeded" if not budget_ok
+
+reasons contains "rate_limited" if not rate_ok
+
+decision := {"decision": "deny", "reasons": sort(reasons)} if count(reasons) > 0
+
+decision := {"decision": "redact", "reasons": ["pii_redacted"], "cost": cost, "masks": masks} if {
+	count(reasons) == 0
+	count(masks) > 0
+}
+
+decision := {"decision": "allow", "reasons": [], "cost": cost, "masks": []} if {
+	count(reasons) == 0
+	count(masks) == 0
+}

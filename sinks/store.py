@@ -1,0 +1,447 @@
+"""``PostgresCheckpointStore``: offsets, keyed state, results and audit rows in Postgres.
+
+One ``commit`` is one transaction in three round trips (plus the COPY):
+
+1. pipeline: ``BEGIN``; reserve and lock (``FOR UPDATE``) the batch's
+   ``step_offsets`` rows and the ``audit_chains`` heads it extends. Locks are
+   taken in a fixed order (offsets, then heads, each sorted), so concurrent
+   committers queue instead of deadlocking. A stored offset at or beyond the
+   batch's first offset means another worker got there first: ``ROLLBACK``
+   and ``StaleBatchError`` (zombie fencing);
+2. ``COPY`` the audit rows, hash-chained onto the locked heads;
+3. pipeline: advance the heads and the offsets, upsert the changed states,
+   insert the results (``ON CONFLICT DO NOTHING``), ``COMMIT``.
+
+Audit rows carry the committing worker's clock, one timestamp per batch.
+Any failure before ``COMMIT`` returns rolls the whole batch back and
+re-raises; a connection whose state is unknown (lost, cancelled mid-query) is
+closed, and the next call opens a new one. A connection lost during
+``COMMIT`` leaves it unknown whether the batch landed; retrying is still safe
+for batches with offsets, because a retry of a batch that did land is
+refused as stale and the runner reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import orjson
+import psycopg
+from psycopg import pq
+
+from sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
+from sinks.db import DEFAULT_SCHEMA, check_schema, connect
+from streams.checkpoint import INPUT_KINDS, CommitBatch, StaleBatchError
+from streams.step import ResultRecord, StateKey
+from streams.transport import TopicPartition
+
+Conn = psycopg.AsyncConnection[Any]
+
+_COPY_AUDIT = f"COPY audit_log ({', '.join(COPY_COLUMNS)}) FROM STDIN"
+
+# Parameters are sent in binary (``%b``): psycopg's text format for arrays
+# quotes and escapes every element in Python, which cost more than the
+# statements themselves (measured: ~2 ms to send 100 JSON states as text).
+
+# -- round trip 1: reserve and lock -------------------------------------------
+
+# A missing row is inserted (last_offset NULL) so that it can be locked like
+# the others: two first commits of one partition then queue on the row.
+_RESERVE_OFFSETS = """
+INSERT INTO step_offsets (step, topic, partition)
+SELECT %b, b.topic, b.partition
+FROM unnest(%b::text[], %b::int[]) AS b(topic, partition)
+ORDER BY b.topic, b.partition
+ON CONFLICT DO NOTHING
+"""
+_LOCK_OFFSETS = """
+SELECT o.topic, o.partition, o.last_offset
+FROM step_offsets o
+JOIN unnest(%b::text[], %b::int[]) AS b(topic, partition) USING (topic, partition)
+WHERE o.step = %b
+ORDER BY o.topic, o.partition
+FOR UPDATE OF o
+"""
+_RESERVE_HEADS = """
+INSERT INTO audit_chains (step, partition, seq, hash)
+SELECT %b, p, 0, %b FROM unnest(%b::int[]) AS p ORDER BY p
+ON CONFLICT DO NOTHING
+"""
+_LOCK_HEADS = """
+SELECT partition, seq, hash FROM audit_chains
+WHERE step = %b AND partition = ANY(%b::int[])
+ORDER BY partition
+FOR UPDATE
+"""
+
+# -- round trip 3: write and commit -------------------------------------------
+
+_ADVANCE_OFFSETS = """
+UPDATE step_offsets o SET last_offset = b.last_offset, updated_at = now()
+FROM unnest(%b::text[], %b::int[], %b::bigint[]) AS b(topic, partition, last_offset)
+WHERE o.step = %b AND o.topic = b.topic AND o.partition = b.partition
+"""
+_ADVANCE_HEADS = """
+UPDATE audit_chains c SET seq = h.seq, hash = h.hash
+FROM unnest(%b::int[], %b::bigint[], %b::text[]) AS h(partition, seq, hash)
+WHERE c.step = %b AND c.partition = h.partition
+"""
+# Binary arrays in one statement rather than COPY into a temp table plus
+# INSERT ... SELECT: it rides in the last pipeline (COPY cannot), so it costs
+# no round trips of its own. Measured (PG 15, 2 vCPU, upsert + commit):
+# 100 states 4.0 ms vs 5.9 ms with COPY, 1000 about equal, 5000 COPY ~8%
+# faster; batches of 500 events change ~100 states, so one path is enough.
+_UPSERT_STATES = """
+INSERT INTO step_state (step, tenant, session, partition, state, updated_at)
+SELECT %b, b.tenant, b.session, b.partition, b.state::jsonb, now()
+FROM unnest(%b::text[], %b::text[], %b::int[], %b::text[]) AS b(tenant, session, partition, state)
+ON CONFLICT (step, tenant, session) DO UPDATE
+SET partition = EXCLUDED.partition, state = EXCLUDED.state, updated_at = EXCLUDED.updated_at
+"""
+_INSERT_RESULTS = """
+INSERT INTO results (task_id, tenant, session, status, answer, trace_id, step)
+SELECT b.task_id, b.tenant, b.session, b.status, b.answer::jsonb, b.trace_id, %b
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[])
+    AS b(task_id, tenant, session, status, answer, trace_id)
+ON CONFLICT (task_id) DO NOTHING
+"""
+
+# -- loads --------------------------------------------------------------------
+
+_LOAD_OFFSETS = """
+SELECT o.topic, o.partition, o.last_offset
+FROM step_offsets o
+JOIN unnest(%b::text[], %b::int[]) AS b(topic, partition) USING (topic, partition)
+WHERE o.step = %b AND o.last_offset IS NOT NULL
+"""
+_LOAD_STATES = """
+SELECT tenant, session, state FROM step_state
+WHERE step = %b AND partition = ANY(%b::int[])
+"""
+# Walks the chain's primary key backwards: the newest input rows first.
+_LOAD_RECENT_IDS = """
+SELECT event_id FROM audit_log
+WHERE chain_step = %b AND chain_partition = %b AND step = %b AND kind = ANY(%b::text[])
+ORDER BY seq DESC
+LIMIT %b
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """What one commit wrote. ``results_duplicate`` counts results whose task_id was stored."""
+
+    audit_rows: int = 0
+    states: int = 0
+    results_inserted: int = 0
+    results_duplicate: int = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Running totals over the store's life, for tests and metrics."""
+
+    commits: int = 0
+    stale: int = 0
+    failed: int = 0
+    audit_rows: int = 0
+    states: int = 0
+    results_inserted: int = 0
+    results_duplicate: int = 0
+
+    def add(self, outcome: CommitOutcome) -> None:
+        self.commits += 1
+        self.audit_rows += outcome.audit_rows
+        self.states += outcome.states
+        self.results_inserted += outcome.results_inserted
+        self.results_duplicate += outcome.results_duplicate
+
+
+class PostgresCheckpointStore:
+    """The ``CheckpointStore`` on one Postgres connection (operations are serialised)."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        idle_in_transaction_timeout_s: float = 60.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._schema = check_schema(schema)
+        self._idle_timeout_ms = int(idle_in_transaction_timeout_s * 1000)
+        self._conn: Conn | None = None
+        # One connection carries one transaction at a time; callers on several
+        # tasks (partitions committing concurrently) must take turns.
+        self._lock = asyncio.Lock()
+        self.stats = StoreStats()
+
+    @classmethod
+    async def connect(
+        cls,
+        conninfo: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        idle_in_transaction_timeout_s: float = 60.0,
+    ) -> Self:
+        """A store with its connection open (it reconnects by itself after a loss)."""
+        store = cls(
+            conninfo, schema=schema, idle_in_transaction_timeout_s=idle_in_transaction_timeout_s
+        )
+        async with store._session():
+            pass
+        return store
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+
+    # -- loads ------------------------------------------------------------------
+
+    async def load_offsets(
+        self, step: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        wanted = sorted(set(tps))
+        if not wanted:
+            return {}
+        async with self._session() as conn:
+            cur = await conn.execute(
+                _LOAD_OFFSETS, ([tp.topic for tp in wanted], [tp.partition for tp in wanted], step)
+            )
+            rows = await cur.fetchall()
+        return {TopicPartition(topic, partition): last for topic, partition, last in rows}
+
+    async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return {}
+        async with self._session() as conn:
+            cur = await conn.execute(_LOAD_STATES, (step, wanted))
+            rows = await cur.fetchall()
+        # Back to the runner's canonical bytes (jsonb prints its own layout).
+        return {
+            StateKey(tenant, session): orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
+            for tenant, session, state in rows
+        }
+
+    async def load_recent_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        if limit <= 0:
+            return set()
+        async with self._session() as conn:
+            cur = await conn.execute(
+                _LOAD_RECENT_IDS, (step, partition, step, list(INPUT_KINDS), limit)
+            )
+            return {event_id for (event_id,) in await cur.fetchall()}
+
+    # -- commit -------------------------------------------------------------------
+
+    async def commit(self, batch: CommitBatch) -> None:
+        await self.commit_batch(batch)
+
+    async def commit_batch(self, batch: CommitBatch) -> CommitOutcome:
+        """``commit``, returning what was written (notably results refused as duplicates)."""
+        if batch.is_empty():
+            return CommitOutcome()
+        try:
+            async with self._session() as conn:
+                outcome = await _Commit(conn, batch).run()
+        except StaleBatchError:
+            self.stats.stale += 1
+            raise
+        except BaseException:
+            self.stats.failed += 1
+            raise
+        self.stats.add(outcome)
+        return outcome
+
+    # -- the connection -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[Conn]:
+        """The live connection, under the store's lock; cleaned up if the body fails."""
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                yield conn
+            except BaseException as exc:
+                await self._abandon(conn, exc)
+                raise
+
+    async def _connection(self) -> Conn:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            await conn.close()
+        self._conn = None
+        conn = await connect(self._conninfo, schema=self._schema)
+        # Our transactions last milliseconds. One left open by a stuck or
+        # partitioned client would hold its partitions' row locks and stall
+        # the worker that took them over; the server ends such sessions.
+        await conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (str(self._idle_timeout_ms),),
+        )
+        self._conn = conn
+        return conn
+
+    async def _abandon(self, conn: Conn, exc: BaseException) -> None:
+        """Leave no transaction open after a failure: roll back, or drop the connection."""
+        status = conn.info.transaction_status
+        if isinstance(exc, asyncio.CancelledError) or conn.closed or conn.broken:
+            # Interrupted mid-protocol, or already dead: nothing on it can be
+            # trusted. Closing makes the server roll back.
+            await self._drop(conn)
+        elif status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+            try:
+                await conn.execute("ROLLBACK")
+            except Exception:
+                await self._drop(conn)
+        elif status != pq.TransactionStatus.IDLE:
+            await self._drop(conn)
+
+    async def _drop(self, conn: Conn) -> None:
+        await conn.close()
+        if self._conn is conn:
+            self._conn = None
+
+
+class _Commit:
+    """One batch's transaction; see the module docstring for the protocol."""
+
+    def __init__(self, conn: Conn, batch: CommitBatch) -> None:
+        self.conn = conn
+        self.batch = batch
+        self.tps = sorted(batch.offsets)
+        self.chain_partitions = sorted({partition for partition, _ in batch.audit})
+
+    async def run(self) -> CommitOutcome:
+        time = datetime.now(UTC)
+        stored, heads = await self.lock()
+        self.check_fencing(stored)
+        audit_rows = 0
+        if self.batch.audit:
+            rows = iter_links(self.batch.step, time, self.batch.audit, heads)
+            audit_rows = await self.copy_audit(rows)
+        return await self.finish(heads, audit_rows=audit_rows)
+
+    async def lock(self) -> tuple[dict[TopicPartition, int | None], dict[int, ChainHead]]:
+        """Round trip 1: begin, reserve and lock the offset rows and chain heads."""
+        step, conn = self.batch.step, self.conn
+        topics, partitions = [tp.topic for tp in self.tps], [tp.partition for tp in self.tps]
+        offsets_cur, heads_cur = conn.cursor(), conn.cursor()
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            if self.tps:
+                await conn.execute(_RESERVE_OFFSETS, (step, topics, partitions))
+                await offsets_cur.execute(_LOCK_OFFSETS, (topics, partitions, step))
+            if self.chain_partitions:
+                await conn.execute(_RESERVE_HEADS, (step, GENESIS_HASH, self.chain_partitions))
+                await heads_cur.execute(_LOCK_HEADS, (step, self.chain_partitions))
+        stored: dict[TopicPartition, int | None] = {}
+        if self.tps:
+            stored = {TopicPartition(t, p): last for t, p, last in await offsets_cur.fetchall()}
+        heads: dict[int, ChainHead] = {}
+        if self.chain_partitions:
+            heads = {p: ChainHead(seq, digest) for p, seq, digest in await heads_cur.fetchall()}
+        return stored, heads
+
+    def check_fencing(self, stored: dict[TopicPartition, int | None]) -> None:
+        for tp, (first, _last) in self.batch.offsets.items():
+            last_stored = stored.get(tp)
+            if last_stored is not None and last_stored >= first:
+                raise StaleBatchError(
+                    f"{self.batch.step} {tp.topic}[{tp.partition}]: "
+                    f"stored offset {last_stored} >= batch start {first}"
+                )
+
+    async def copy_audit(self, rows: Iterator[tuple[Any, ...]]) -> int:
+        """Round trip 2: the chained audit rows, by COPY, hashed as they stream out."""
+        written = 0
+        async with self.conn.cursor().copy(_COPY_AUDIT) as copy:
+            for row in rows:
+                await copy.write_row(row)
+                written += 1
+        return written
+
+    async def finish(self, heads: dict[int, ChainHead], *, audit_rows: int) -> CommitOutcome:
+        """Round trip 3: advance offsets and heads, write states and results, commit."""
+        step, conn = self.batch.step, self.conn
+        states = _state_columns(self.batch)
+        results = _result_columns(self.batch.results)
+        results_cur = conn.cursor()
+        async with conn.pipeline():
+            if self.tps:
+                await conn.execute(
+                    _ADVANCE_OFFSETS,
+                    (
+                        [tp.topic for tp in self.tps],
+                        [tp.partition for tp in self.tps],
+                        [self.batch.offsets[tp][1] for tp in self.tps],
+                        step,
+                    ),
+                )
+            if heads:
+                order = sorted(heads)
+                await conn.execute(
+                    _ADVANCE_HEADS,
+                    (order, [heads[p].seq for p in order], [heads[p].hash for p in order], step),
+                )
+            if states[0]:
+                await conn.execute(_UPSERT_STATES, (step, *states))
+            if results[0]:
+                await results_cur.execute(_INSERT_RESULTS, (step, *results))
+            await conn.execute("COMMIT")
+        inserted = results_cur.rowcount if results[0] else 0
+        return CommitOutcome(
+            audit_rows=audit_rows,
+            states=len(states[0]),
+            results_inserted=inserted,
+            results_duplicate=len(self.batch.results) - inserted,
+        )
+
+
+def _state_columns(batch: CommitBatch) -> tuple[list[str], list[str], list[int], list[str]]:
+    """The batch's states as parallel arrays, one entry per session.
+
+    A session keyed under two partitions (possible only across a repartition)
+    keeps its last entry: one statement may not upsert the same row twice.
+    """
+    latest: dict[StateKey, tuple[int, bytes]] = {}
+    for (partition, key), blob in batch.states.items():
+        latest[key] = (partition, blob)
+    tenants, sessions, partitions, blobs = [], [], [], []
+    for key, (partition, blob) in latest.items():
+        tenants.append(key.tenant)
+        sessions.append(key.session)
+        partitions.append(partition)
+        blobs.append(blob.decode())
+    return tenants, sessions, partitions, blobs
+
+
+def _result_columns(
+    results: list[ResultRecord],
+) -> tuple[list[str], list[str], list[str], list[str], list[str], list[str | None]]:
+    return (
+        [r.task_id for r in results],
+        [r.tenant for r in results],
+        [r.session for r in results],
+        [r.status for r in results],
+        [_json_text(r.answer) for r in results],
+        [r.trace_id for r in results],
+    )
+
+
+def _json_text(value: Any) -> str:
+    text = orjson.dumps(value)
+    if b"\\u0000" in text:
+        # jsonb cannot hold NUL: a retry would fail the same way, forever.
+        text = orjson.dumps(storable_value(value))
+    return text.decode()
