@@ -246,14 +246,7 @@ class MemoryPipeline:
         self.now = now
         handled = 0
         for runner in self.runners.values():
-            if not callable(getattr(runner.processor, "tick", None)):
-                continue
-            # ``run_once`` ticks when the interval has passed: make it pass, once.
-            runner.config.tick_interval_s = 0.0
-            try:
-                handled += await runner.run_once()
-            finally:
-                runner.config.tick_interval_s = math.inf
+            await runner.tick(now)
         return handled + await self.run()
 
     # -- what happened -----------------------------------------------------

@@ -25,8 +25,10 @@ NONDETERMINISTIC: Final = re.compile(
     r"|opa\.runtime|crypto\.x509\.parse_and_verify_certificates)\b"
 )
 # Keys longer than this are replaced by a 128-bit digest, so a cache of large
-# inputs stays small in memory.
+# inputs stays small in memory. Digests get a prefix no JSON document starts
+# with, so a digest can never equal an inline key.
 _INLINE_KEY_BYTES: Final = 256
+_DIGEST_PREFIX: Final = b"#"
 
 
 def deterministic(bundle: Bundle) -> bool:
@@ -35,9 +37,10 @@ def deterministic(bundle: Bundle) -> bool:
 
 
 def cache_key(input_json: bytes) -> bytes:
+    """The cache key of a canonical input document: the document itself, or its digest."""
     if len(input_json) <= _INLINE_KEY_BYTES:
         return input_json
-    return hashlib.blake2b(input_json, digest_size=16).digest()
+    return _DIGEST_PREFIX + hashlib.blake2b(input_json, digest_size=16).digest()
 
 
 class DecisionCache(Generic[V]):

@@ -221,9 +221,14 @@ def apply_masks(args: Mapping[str, Any], masks: tuple[Mask, ...]) -> dict[str, A
         missing = [match for match in table if match not in text]
         if missing:
             raise MalformedDecision(f"mask match not found at {list(path)}")
-        pattern = re.compile("|".join(map(re.escape, sorted(table, key=len, reverse=True))))
-        parent[path[-1]] = pattern.sub(lambda found: table[found.group(0)], text)
+        parent[path[-1]] = _replace_all(text, table)
     return rewritten
+
+
+def _replace_all(text: str, table: Mapping[str, str]) -> str:
+    """``text`` with every key of ``table`` replaced by its value, in one pass."""
+    pattern = re.compile("|".join(map(re.escape, sorted(table, key=len, reverse=True))))
+    return pattern.sub(lambda found: table[found.group(0)], text)
 
 
 def _child(container: Any, key: PathItem, path: tuple[PathItem, ...]) -> Any:

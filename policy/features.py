@@ -89,7 +89,9 @@ def url_host(value: Any) -> str | None:
     return host
 
 
-def iter_strings(value: Any, path: tuple[PathItem, ...] = ()) -> Iterator[tuple[list[PathItem], str]]:
+def iter_strings(
+    value: Any, path: tuple[PathItem, ...] = ()
+) -> Iterator[tuple[list[PathItem], str]]:
     """Every string in a JSON value (not keys), with its path."""
     if isinstance(value, str):
         yield list(path), value
@@ -149,7 +151,10 @@ class InputBuilder:
         return {name: facts[name] for name in self.fields}
 
     def find_pii(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """PII candidates in the strings of ``args``, in a stable order; may raise InputTooComplex."""
+        """PII candidates in the strings of ``args``, in a stable order.
+
+        Raises InputTooComplex past the scan's bounds.
+        """
         findings: list[dict[str, Any]] = []
         if not self.patterns:
             return findings

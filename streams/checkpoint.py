@@ -97,7 +97,7 @@ class MemoryCheckpointStore:
             for p, r in self.audit
             if p == partition and r.step == step and r.kind in INPUT_KINDS
         ]
-        return set(ids[-limit:])
+        return set(ids[-limit:]) if limit > 0 else set()
 
     async def commit(self, batch: CommitBatch) -> None:
         for tp, (first, _last) in batch.offsets.items():

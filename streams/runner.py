@@ -76,6 +76,7 @@ class RunnerStats:
     skipped: int = 0
     retries: int = 0
     stale_batches: int = 0
+    tick_errors: int = 0
     last_batch_s: float = 0.0
     by_partition: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -178,7 +179,7 @@ class StepRunner:
             await self.handle_batch(messages)
         if self._has_tick and time.monotonic() - self._last_tick >= self.config.tick_interval_s:
             self._last_tick = time.monotonic()
-            await self._tick()
+            await self.tick()
         return len(messages)
 
     async def close(self) -> None:
@@ -315,7 +316,6 @@ class StepRunner:
             return
         try:
             event = decode(msg.value, max_bytes=self.config.max_event_bytes)
-            data = self._registry.validate(event, strict_types=bool(self.processor.accepts))
         except DecodeError as exc:
             self._dead_letter(msg, batch, produce, exc.reason, exc, event=None)
             return
@@ -323,6 +323,13 @@ class StepRunner:
             self.stats.duplicates += 1
             return
         pending.add(event.id)
+        try:
+            # A valid envelope with bad data keeps its identity in the dead letter,
+            # so the audit trail finds it by session and a replay is deduped.
+            data = self._registry.validate(event, strict_types=bool(self.processor.accepts))
+        except DecodeError as exc:
+            self._dead_letter(msg, batch, produce, exc.reason, exc, event=event)
+            return
         try:
             outputs, ctx, changed = await self._process(event, data, msg.partition, batch)
         except _Poison as poison:
@@ -393,7 +400,7 @@ class StepRunner:
         *,
         event: Event | None,
     ) -> None:
-        text = str(error)[:1000]
+        text = (error.detail if isinstance(error, DecodeError) else str(error))[:1000]
         headers = {
             H_DLQ_REASON: reason,
             H_DLQ_ERROR: type(error).__name__,
@@ -427,7 +434,7 @@ class StepRunner:
         batch.audit.append((msg.partition, row))
         self.stats.dead_letters += 1
         log.warning(
-            "%s: dead-lettered %s/%s/%s: %s: %s",
+            "%s: dead-lettered %s/%s/%s (%s): %s",
             self.processor.name,
             msg.topic,
             msg.partition,
@@ -438,12 +445,24 @@ class StepRunner:
 
     # -- time-driven work ----------------------------------------------------
 
-    async def _tick(self) -> None:
+    async def tick(self, now: datetime | None = None) -> None:
+        """Run the step's ``tick`` once (at ``now``, default the clock) and commit its work.
+
+        A tick that raises or emits to an undeclared topic is logged and its
+        work discarded: like ``process``, a step's bug must not kill the worker.
+        """
+        if not self._has_tick:
+            return
         live = {key: orjson.loads(blob) for key, blob in self._states.items()}
         tc = TickContext(step=self.processor.name, states=live)
         tick = self.processor.tick  # type: ignore[attr-defined]
-        outputs: list[Output] = await tick(self._clock(), tc)
-        self._check_outputs(outputs)
+        try:
+            outputs: list[Output] = await tick(now or self._clock(), tc)
+            self._check_outputs(outputs)
+        except Exception:
+            log.exception("%s: tick failed; its work is discarded", self.processor.name)
+            self.stats.tick_errors += 1
+            return
         batch = CommitBatch(step=self.processor.name)
         for key in tc.touched:
             after = orjson.dumps(live[key], option=orjson.OPT_SORT_KEYS)

@@ -5,15 +5,19 @@
 #
 #   {"decision": "allow",  "reasons": [],                 "cost": N, "masks": []}
 #   {"decision": "redact", "reasons": ["pii_redacted"],   "cost": N, "masks": [MASK, ...]}
-#   {"decision": "deny",   "reasons": ["<code>", ...]}
+#   {"decision": "deny",   "reasons": ["<code>", ...],       "masks": [MASK, ...]}
 #
 # MASK is {"path": [key or index, ...], "match": "<substring>", "mask": "<replacement>"}:
-# the gate replaces `match` by `mask` in the string at `path` of the arguments.
+# the gate replaces `match` by `mask` in the string at `path` of the arguments
+# (of a denied action too, so PII does not travel on the denied topic either).
 #
-# The input (built by the gate, see policy/gate.py) carries exactly what the
-# policy may read, because the gate caches decisions keyed on it:
+# The input (built by the gate, see policy/features.py) carries exactly what
+# the policy may read, because the gate caches decisions keyed on it: the
+# fields listed in data.gate.input. `args` (the raw arguments) is available
+# when listed; it is not here, so decisions are reused across argument texts
+# that give the same facts:
 #
-#   tenant, agent, tool, args        from the action.proposed event
+#   tenant, agent, tool              from the action.proposed event
 #   args_bytes                       size of args as compact JSON
 #   url_host                         host of args.url if an http(s) URL, else null
 #   pii                              PII candidates found in args (see pii.rego)
@@ -40,7 +44,7 @@ reasons contains "budget_exceeded" if not budget_ok
 
 reasons contains "rate_limited" if not rate_ok
 
-decision := {"decision": "deny", "reasons": sort(reasons)} if count(reasons) > 0
+decision := {"decision": "deny", "reasons": sort(reasons), "masks": masks} if count(reasons) > 0
 
 decision := {"decision": "redact", "reasons": ["pii_redacted"], "cost": cost, "masks": masks} if {
 	count(reasons) == 0

@@ -89,6 +89,7 @@ _CONSUMER_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 #   $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>       (9 tokens)
 #   $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<x>
 _V1_ACK_TOKENS = 9
+_REFUSED_PULL_BACKOFF = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,22 @@ def _check_topic(topic: str) -> None:
         raise TransportError(f"topic {topic!r} is not a valid NATS subject token sequence")
 
 
+def _check_size(message: OutMessage, headers: Mapping[str, str], max_payload: int) -> None:
+    """Refuse what the server would refuse by closing the connection.
+
+    nats-py only compares the body with ``max_payload``, but the server counts
+    headers too, drops the connection, and nats-py resends the same message
+    after reconnecting.
+    """
+    header_bytes = 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    size = len(message.value) + header_bytes
+    if size > max_payload:
+        raise TransportError(
+            f"message for topic {message.topic!r} is {size} bytes with headers, over the "
+            f"server's max_payload of {max_payload}"
+        )
+
+
 def _status_of(msg: Msg) -> str | None:
     return msg.headers.get(_STATUS_HEADER) if msg.headers else None
 
@@ -232,9 +249,10 @@ class _PublishBatch:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 if self.acked == acked_before:
+                    topics = sorted({m.topic for m in self.messages})
                     self.error = (
                         f"no publish ack from NATS for {timeout}s "
-                        f"({self.in_flight} outstanding, topic {self.messages[-1].topic!r})"
+                        f"({self.in_flight} outstanding, topics {topics})"
                     )
         self._wake_at = -1
 
@@ -318,7 +336,8 @@ class NatsTransport:
         log.warning("NATS %s: %r", self.url, exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("NATS %s: disconnected", self.url)
+        if self._nc is not None:  # not while close() drains
+            log.warning("NATS %s: disconnected", self.url)
 
     async def _on_reconnected(self) -> None:
         log.info("NATS %s: reconnected", self.url)
@@ -432,6 +451,7 @@ class NatsTransport:
         # Refill from half the window, so each wake-up sends a burst instead
         # of one message per ack.
         low_water = t.publish_window // 2
+        max_payload = nc.max_payload
         for index, message in enumerate(batch.messages):
             if batch.in_flight >= t.publish_window or (
                 batch.in_flight_bytes >= t.publish_window_bytes and batch.in_flight > 0
@@ -439,6 +459,9 @@ class NatsTransport:
                 await batch.wait_until(low_water, t.publish_ack_timeout)
             if batch.error is not None:
                 return
+            headers = self._wire_headers(message)
+            if len(message.value) > max_payload // 2:
+                _check_size(message, headers, max_payload)
             batch.on_sent(len(message.value))
             # Core publish with a reply subject is a JetStream publish; the
             # stream answers on the reply, which our wildcard inbox counts.
@@ -446,7 +469,7 @@ class NatsTransport:
                 self._subject(message),
                 message.value,
                 reply=f"{reply_prefix}{index}",
-                headers=self._wire_headers(message),
+                headers=headers,
             )
 
     async def _on_publish_ack(self, msg: Msg) -> None:
@@ -581,11 +604,15 @@ class NatsSubscription:
                     await asyncio.wait_for(self.wake.wait(), wait)
                 # Requests that ended empty-handed (timeout, no messages) are renewed.
                 await self._pull(max_messages)
-            batch = self._take(max_messages)
-            # Prefetch: the next batch streams in while the caller works on this one.
-            await self._pull(max_messages)
         except NatsError as exc:
             raise TransportError(f"fetch from {sorted(self._readers)} failed: {exc!r}") from exc
+        batch = self._take(max_messages)
+        try:
+            # Prefetch: the next batch streams in while the caller works on this one.
+            await self._pull(max_messages)
+        except NatsError:
+            # The batch is already taken; the next fetch reports the failure.
+            log.debug("prefetch on %s failed", sorted(self._readers), exc_info=True)
         return batch
 
     # -- commit, seek, close -----------------------------------------------
@@ -664,7 +691,8 @@ class _PartitionReader:
         self._tokens = itertools.count(1)
         self._request: str | None = None  # token of the live pull request
         self._remaining = 0  # messages the live request may still deliver
-        self._request_deadline = 0.0
+        self._busy_until = 0.0  # no new pull request before this (loop time)
+        self._delivered = 0  # by the live request
         self._server_pending = 0  # from the last delivery: messages left on the server
         self._last_seq = 0
         owner.add(self)
@@ -784,6 +812,7 @@ class _PartitionReader:
         await self._unlisten()
         self.buffer.clear()
         self._request, self._remaining, self._server_pending = None, 0, 0
+        self._busy_until = 0.0
         self._last_seq = seq - 1
         await self._recreate(seq)
         await self._listen()
@@ -797,7 +826,8 @@ class _PartitionReader:
     # -- pull requests and deliveries --------------------------------------
 
     def pulling(self, now: float) -> bool:
-        return self._request is not None and now < self._request_deadline
+        """A request is live, or the last one failed and we are backing off."""
+        return now < self._busy_until
 
     def more_coming(self) -> bool:
         """The live request will deliver more, and the server has more to deliver."""
@@ -806,9 +836,9 @@ class _PartitionReader:
     async def pull(self, batch: int, now: float) -> None:
         t = self.owner.tuning
         token = str(next(self._tokens))
-        self._request, self._remaining = token, batch
+        self._request, self._remaining, self._delivered = token, batch, 0
         # A little past the server's expiry, in case its "request ended" status is lost.
-        self._request_deadline = now + t.pull_expires + 1.0
+        self._busy_until = now + t.pull_expires + 1.0
         body = b'{"batch":%d,"expires":%d,"max_bytes":%d}' % (
             batch,
             int(t.pull_expires * 1e9),
@@ -831,8 +861,9 @@ class _PartitionReader:
         base = 2 if len(tokens) == _V1_ACK_TOKENS else 4
         if self._remaining > 0:
             self._remaining -= 1
+            self._delivered += 1
             if self._remaining == 0:
-                self._request = None
+                self._request, self._busy_until = None, 0.0
         seq = int(tokens[base + 3])
         if seq <= self._last_seq:
             return  # an ack_wait redelivery of a message this worker already has
@@ -860,8 +891,10 @@ class _PartitionReader:
         if msg.subject.rpartition(".")[2] != self._request:
             return  # an older request; its successor is live
         # 404 no messages, 408 expired, 409 limits or consumer gone: all end it.
-        if status == "409":
+        self._request, self._remaining, self._busy_until = None, 0, 0.0
+        if status == "409" and not self._delivered:
+            # A limit refused the request outright; retrying at once would spin.
             description = msg.headers.get(_DESCRIPTION_HEADER) if msg.headers else None
-            log.debug("pull request on %s ended: %s", self.tp, description)
-        self._request, self._remaining = None, 0
+            log.warning("pull request on %s refused: %s", self.tp, description)
+            self._busy_until = asyncio.get_running_loop().time() + _REFUSED_PULL_BACKOFF
         self.owner.wake.set()

@@ -206,6 +206,17 @@ async def test_malformed_task_is_a_dead_letter() -> None:
     assert len(await pipeline.events(topics.TASKS_ACCEPTED)) == 1
 
 
+async def test_invalid_data_dead_letter_keeps_the_event_identity() -> None:
+    pipeline = MemoryPipeline(reference_steps())
+    bad = make_event(TASK_SUBMITTED, {"prompt": ""}, session="s7")
+    await pipeline.publish(topics.TASKS, [bad])
+    await pipeline.run()
+    [row] = pipeline.audit_of("dead_letter")
+    assert (row.event_id, row.tenant, row.session) == (bad.id, "acme", "s7")
+    [dead] = await pipeline.dead_letters()
+    assert dead.message.headers.get("ce_id") == bad.id
+
+
 class DenyDangerous(Step):
     """A stand-in policy gate: denies the tools no agent may use."""
 

@@ -12,8 +12,8 @@ from agents.schemas import (
     TaskCompleted,
     ToolResult,
 )
-from agents.testing import context_for, make_event
-from agents.topics import RESULTS
+from agents.testing import MemoryPipeline, context_for, make_event
+from agents.topics import ACTIONS_DENIED, RESULTS, TOOL_RESULTS
 from streams.envelope import Event
 from streams.step import Output, ResultRecord, StateKey, TickContext
 
@@ -60,6 +60,8 @@ class Harness:
         self.state: dict[str, Any] = {}
         self.outputs: list[Output] = []
         self.results: list[ResultRecord] = []
+        # Inputs the step marked as duplicates (``ctx.detail``), by event id.
+        self.duplicates: list[str] = []
 
     async def feed(self, *events: Event) -> list[Output]:
         new: list[Output] = []
@@ -67,6 +69,9 @@ class Harness:
             ctx = context_for(self.step, event, self.state)
             new += await self.step.process(event, ctx)
             self.results += ctx.results
+            assert ctx.audit == []
+            if ctx.detail.get("duplicate"):
+                self.duplicates.append(event.id)
         self.outputs += new
         return new
 
@@ -91,10 +96,14 @@ async def test_out_of_order_and_duplicate_outcomes_give_one_result() -> None:
     first, second, third = result_event(0, 3), result_event(1, 3), result_event(2, 3)
     assert await h.feed(third, first) == []
     assert await h.feed(third) == []  # the same event again
-    assert await h.feed(result_event(0, 3)) == []  # the same outcome from another copy
+    copy = result_event(0, 3)
+    assert await h.feed(copy) == []  # the same outcome from another copy
+    assert h.duplicates == [third.id, copy.id]
     assert len(await h.feed(second)) == 1
     # Anything after the result is absorbed.
-    assert await h.feed(second, result_event(1, 3), denied_event(2, 3)) == []
+    late = [second, result_event(1, 3), denied_event(2, 3)]
+    assert await h.feed(*late) == []
+    assert h.duplicates[2:] == [e.id for e in late]
     final = h.final()
     assert final.status == "completed"
     assert [o.action_index for o in final.answer.outcomes] == [0, 1, 2]
@@ -209,3 +218,56 @@ async def test_corrupt_stored_join_fails_the_task() -> None:
     await h.feed(result_event(0, 2))
     final = h.final()
     assert final.status == "failed" and "stored join is corrupt" in final.answer.text
+
+
+# On the real runner (in-memory transport and store): state goes through the
+# store as JSON, survives a restart, and ticks are driven by the runner.
+
+
+async def test_join_survives_a_restart_on_the_runner() -> None:
+    pipeline = MemoryPipeline([ResponderStep()])
+    await pipeline.publish(TOOL_RESULTS, [result_event(0, 2)])
+    await pipeline.run()
+    assert list(pipeline.state("responder")["pending"]) == ["task-1"]
+    await pipeline.restart()
+    copy = result_event(0, 2)  # the same outcome again, under another id
+    await pipeline.publish(TOOL_RESULTS, [copy])
+    await pipeline.run()
+    await pipeline.publish(ACTIONS_DENIED, [denied_event(1, 2)])
+    await pipeline.run()
+    [final] = await pipeline.events(RESULTS, TASK_COMPLETED)
+    completed = TaskCompleted.model_validate(final.data)
+    assert (completed.task_id, completed.status) == ("task-1", "partial")
+    assert [o.status for o in completed.answer.outcomes] == ["ok", "denied"]
+    assert pipeline.results["task-1"].status == "partial"
+    rows = pipeline.audit_of("processed", step="responder")
+    assert [r.detail for r in rows] == [
+        {"outputs": 0},
+        {"duplicate": True, "outputs": 0},
+        {"outputs": 1},
+    ]
+    assert rows[1].event_id == copy.id
+    # A late outcome after the answer gets none of its own.
+    await pipeline.publish(TOOL_RESULTS, [result_event(1, 2)])
+    await pipeline.run()
+    assert await pipeline.completions() == {"task-1": 1}
+    assert pipeline.state("responder") == {"done_tasks": ["task-1"], "pending": {}}
+
+
+async def test_deadline_through_the_runner_tick() -> None:
+    pipeline = MemoryPipeline([ResponderStep(deadline=30, clock=lambda: T0)])
+    await pipeline.publish(TOOL_RESULTS, [result_event(0, 2)])
+    await pipeline.run()
+    await pipeline.tick(T0 + timedelta(seconds=29))
+    assert pipeline.results == {} and await pipeline.events(RESULTS) == []
+    await pipeline.tick(T0 + timedelta(seconds=30))
+    [final] = await pipeline.events(RESULTS, TASK_COMPLETED)
+    assert final.data["status"] == "timeout" and final.causationid == "task-1"
+    record = pipeline.results["task-1"]
+    assert (record.status, record.tenant, record.session) == ("timeout", "acme", "s1")
+    assert pipeline.state("responder")["pending"] == {}
+    # Neither a late outcome nor a later tick, even after a restart, answers again.
+    await pipeline.publish(TOOL_RESULTS, [result_event(1, 2)])
+    await pipeline.restart()
+    await pipeline.tick(T0 + timedelta(hours=1))
+    assert await pipeline.completions() == {"task-1": 1}

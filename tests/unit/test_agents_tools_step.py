@@ -9,9 +9,10 @@ import pytest
 
 from agents.executor import ToolsStep
 from agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
-from agents.testing import context_for, make_event
+from agents.testing import MemoryPipeline, context_for, make_event
 from agents.tools import JSON, RetryableToolError, Tool, ToolContext, ToolError
-from agents.topics import TOOL_RESULTS
+from agents.topics import ACTIONS_ALLOWED, TOOL_RESULTS
+from streams.runner import RunnerConfig
 
 SUBMITTED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -168,3 +169,25 @@ async def test_concurrency_is_bounded_by_the_semaphore() -> None:
     results = await asyncio.gather(*(step.execute(allowed("busy"), CALL) for _ in range(10)))
     assert all(r.ok for r in results)
     assert peak == 3
+
+
+@pytest.mark.parametrize("runner_window", [50_000, 0])
+async def test_a_redelivered_action_runs_its_tool_once(runner_window: int) -> None:
+    """On the runner: absorbed by its recent ids, or beyond them by the step's own."""
+    flaky = Flaky(failures=0)
+    config = RunnerConfig(dedupe_window=runner_window)
+    pipeline = MemoryPipeline([ToolsStep({"flaky": flaky})], config=config)
+    event = make_event(ACTION_ALLOWED, allowed("flaky").model_dump(mode="json"))
+    for _ in range(2):
+        await pipeline.publish(ACTIONS_ALLOWED, [event])
+        await pipeline.run()
+    assert flaky.calls == 1
+    [result] = await pipeline.events(TOOL_RESULTS)
+    assert result.causationid == event.id and result.data["ok"] is True
+    rows = pipeline.audit_of("processed", step="tools")
+    if runner_window:
+        assert pipeline.runners["tools"].stats.duplicates == 1
+        assert [r.detail for r in rows] == [{"outputs": 1}]
+    else:
+        assert [r.detail for r in rows] == [{"outputs": 1}, {"duplicate": True, "outputs": 0}]
+    assert pipeline.state("tools")["seen_actions"] == [event.id]

@@ -1,0 +1,172 @@
+"""One loaded bundle, deciding: input building, cache, engine, time budget, checks.
+
+:meth:`LoadedPolicy.decide` never raises. Whatever goes wrong (arguments too
+complex to scan, an engine error, an undefined or malformed result, masks
+that do not fit, an evaluation over its time budget) comes back as a deny
+with ``policy_error`` and the cause in ``Decision.error``: the gate fails
+closed.
+
+The time budget is checked after the fact: regorus cannot be interrupted
+from Python. What bounds a runaway evaluation is the RVM's instruction limit
+(25,000 instructions, an error); the interpreter has none, which is one more
+reason the RVM is the default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from policy.bundle import Bundle, load_bundle
+from policy.cache import DecisionCache, cache_key, deterministic
+from policy.decision import Decision, MalformedDecision, apply_masks, parse_decision, policy_error
+from policy.engine import UNDEFINED, Compiler, PolicyEngine, compile_bundle
+from policy.features import InputBuilder, InputTooComplex
+
+DEFAULT_BUDGET_S: Final = 0.050
+DEFAULT_CACHE_SIZE: Final = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the gate knows about one proposed action when it asks the policy."""
+
+    tenant: str
+    agent: str
+    tool: str
+    args: Mapping[str, Any]
+    spend: int | float
+    calls_in_window: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision with the arguments to forward (masks applied) and how it was reached."""
+
+    decision: Decision
+    args: dict[str, Any]
+    cached: bool = False
+    eval_s: float = 0.0
+
+
+class LoadedPolicy:
+    """A compiled bundle with its input builder and decision cache."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        engine: PolicyEngine,
+        *,
+        budget_s: float = DEFAULT_BUDGET_S,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.inputs = InputBuilder(bundle)
+        self.budget_s = budget_s
+        self.cache: DecisionCache[Decision] = DecisionCache(
+            cache_size if deterministic(bundle) else 0
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        compiler: Compiler = compile_bundle,
+        budget_s: float = DEFAULT_BUDGET_S,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> LoadedPolicy:
+        """Load, check and compile the bundle at ``path``.
+
+        Raises BundleError or PolicyCompileError; nothing is half-loaded.
+        """
+        bundle = load_bundle(path)
+        return cls.from_bundle(bundle, compiler=compiler, budget_s=budget_s, cache_size=cache_size)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle,
+        *,
+        compiler: Compiler = compile_bundle,
+        budget_s: float = DEFAULT_BUDGET_S,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> LoadedPolicy:
+        # The input builder checks the bundle's data (PII patterns, input
+        # fields) before the engine compiles it, so a bad bundle fails fast.
+        InputBuilder(bundle)
+        return cls(bundle, compiler(bundle), budget_s=budget_s, cache_size=cache_size)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def policy_input(self, request: Request) -> dict[str, Any]:
+        """The input document the policy sees for ``request`` (may raise InputTooComplex)."""
+        return self.inputs.build(
+            tenant=request.tenant,
+            agent=request.agent,
+            tool=request.tool,
+            args=request.args,
+            spend=request.spend,
+            calls_in_window=request.calls_in_window,
+        )
+
+    def decide(self, request: Request) -> Verdict:
+        """The decision on ``request``; never raises (failures are policy_error denies)."""
+        try:
+            document = self.policy_input(request)
+        except InputTooComplex as exc:
+            return self._failed(f"arguments not scannable: {exc}")
+        # Sorted keys: equal inputs give equal bytes, which is what the cache keys on.
+        input_json = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+        key = cache_key(input_json)
+        decision = self.cache.get(key)
+        cached = decision is not None
+        elapsed = 0.0
+        if decision is None:
+            decision, elapsed = self._evaluate(input_json)
+            if decision.error is not None:
+                return Verdict(decision, {}, eval_s=elapsed)
+            self.cache.put(key, decision)
+        try:
+            args = apply_masks(request.args, decision.masks)
+        except MalformedDecision as exc:
+            return self._failed(f"malformed decision: {exc}", elapsed)
+        return Verdict(decision, args, cached=cached, eval_s=elapsed)
+
+    def evaluate_input(self, document: Mapping[str, Any]) -> Decision:
+        """Decide on a ready-made input document, uncached (``sluice policy test``)."""
+        decision, _ = self._evaluate(orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
+        return decision
+
+    def _evaluate(self, input_json: bytes) -> tuple[Decision, float]:
+        started = time.perf_counter()
+        try:
+            raw = self.engine.evaluate(input_json.decode())
+        except Exception as exc:  # an engine error of any kind is a deny, never a crash
+            elapsed = time.perf_counter() - started
+            return policy_error(self.version, f"evaluation failed: {exc}"[:2000]), elapsed
+        elapsed = time.perf_counter() - started
+        if elapsed > self.budget_s:
+            return policy_error(
+                self.version,
+                f"evaluation took {elapsed * 1000:.1f} ms, over the "
+                f"{self.budget_s * 1000:.1f} ms budget",
+            ), elapsed
+        if raw is UNDEFINED:
+            return policy_error(self.version, "decision is undefined for this input"), elapsed
+        try:
+            return parse_decision(raw, self.version), elapsed
+        except MalformedDecision as exc:
+            return policy_error(self.version, f"malformed decision: {exc}"), elapsed
+
+    def _failed(self, error: str, elapsed: float = 0.0) -> Verdict:
+        # Arguments nobody vouched for are not forwarded, not even to the denied topic.
+        return Verdict(policy_error(self.version, error), {}, eval_s=elapsed)

@@ -1,0 +1,329 @@
+"""The policy gate: the step between ``actions.proposed`` and ``actions.allowed``/``denied``.
+
+For each ``action.proposed`` it reads the session's ledger (spend, recent
+calls), asks the live bundle for a decision, charges the ledger when the
+action goes through, emits ``action.allowed`` (arguments possibly redacted)
+or ``action.denied``, and records one ``decision`` audit row. It never
+raises for a policy problem: see :mod:`policy.evaluator` for how every
+failure becomes a ``policy_error`` deny.
+
+A shadow bundle (``SLUICE_POLICY_SHADOW`` or ``shadow=``) is evaluated on the
+same input and never enforced; each divergence from the live decision is a
+``shadow_divergence`` audit row carrying both. The shadow sees the live
+ledger (what the session really spent), not a ledger of its own.
+
+Hot reload: ``maybe_reload()`` (called from ``process()``, at most every
+``reload_interval_s``) stats the bundle files and, when they changed,
+reloads, compiles and swaps the bundle in; ``install_sighup(loop)`` makes
+SIGHUP reload at once. A bundle that fails to load or compile is refused with
+an error log and the old one keeps deciding. Deploy bundles atomically
+(write a new directory, then swap a symlink): a reader polling a half-written
+file could load a policy nobody wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import BaseModel
+
+from policy import ledger
+from policy.bundle import BundleError, Signature, default_bundle_path, load_bundle, signature
+from policy.decision import Decision, policy_error
+from policy.engine import Compiler, PolicyCompileError, compile_bundle
+from policy.evaluator import DEFAULT_BUDGET_S, DEFAULT_CACHE_SIZE, LoadedPolicy, Request, Verdict
+from policy.schemas import (
+    ACTION_ALLOWED,
+    ACTION_DENIED,
+    ACTION_PROPOSED,
+    ACTIONS_ALLOWED,
+    ACTIONS_DENIED,
+    ACTIONS_PROPOSED,
+    ProposedAction,
+)
+from streams.envelope import Event
+from streams.step import Context, Output
+
+log = logging.getLogger("sluicegate.policy")
+
+ENV_BUNDLE: Final = "SLUICE_POLICY_BUNDLE"
+ENV_SHADOW: Final = "SLUICE_POLICY_SHADOW"
+DEFAULT_RELOAD_INTERVAL_S: Final = 2.0
+DEFAULT_RATE_WINDOW_S: Final = 60.0
+
+
+@dataclass(slots=True)
+class GateStats:
+    decisions: int = 0
+    allowed: int = 0
+    denied: int = 0
+    redacted: int = 0
+    policy_errors: int = 0
+    shadow_divergences: int = 0
+    reloads: int = 0
+    refused_reloads: int = 0
+
+
+class _Watched:
+    """A bundle path, the policy loaded from it, and what the last poll saw."""
+
+    __slots__ = ("label", "path", "policy", "refused", "seen")
+
+    def __init__(self, label: str, path: Path) -> None:
+        self.label = label
+        self.path = path
+        self.policy: LoadedPolicy | None = None
+        self.seen: Signature = ()
+        # The version of the last refused bundle, so a broken bundle is
+        # reported once, not on every poll.
+        self.refused: str | None = None
+
+
+class PolicyGate:
+    """The policy gate step (name ``gate``)."""
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        *,
+        shadow: str | Path | None = None,
+        compiler: Compiler = compile_bundle,
+        eval_budget_s: float = DEFAULT_BUDGET_S,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S,
+        rate_window_s: float = DEFAULT_RATE_WINDOW_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # Instance attributes (not class variables) so the gate is a
+        # ``streams.step.Processor`` for mypy as well as at runtime.
+        self.name: str = "gate"
+        self.inputs: Sequence[str] = (ACTIONS_PROPOSED,)
+        self.outputs: Sequence[str] = (ACTIONS_ALLOWED, ACTIONS_DENIED)
+        self.accepts: Mapping[str, type[BaseModel]] = {ACTION_PROPOSED: ProposedAction}
+        self.stats = GateStats()
+        self._compiler = compiler
+        self._budget_s = eval_budget_s
+        self._cache_size = cache_size
+        self._reload_interval_s = reload_interval_s
+        self._window_ms = int(rate_window_s * 1000)
+        self._monotonic = monotonic
+        self._last_poll = monotonic()
+        self._live = _Watched("live", Path(bundle) if bundle else default_bundle_path())
+        # The live bundle must load: a gate without a policy would deny everything.
+        self._live.policy = self._load(self._live.path)
+        self._live.seen = signature(self._live.path)
+        self._shadow: _Watched | None = None
+        if shadow:
+            self._shadow = _Watched("shadow", Path(shadow))
+            self._shadow.seen = signature(self._shadow.path)
+            self._swap(self._shadow)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> PolicyGate:
+        """A gate on ``SLUICE_POLICY_BUNDLE`` (default: the packaged policies) and
+        ``SLUICE_POLICY_SHADOW`` (default: none)."""
+        env = os.environ if environ is None else environ
+        return cls(env.get(ENV_BUNDLE) or None, shadow=env.get(ENV_SHADOW) or None, **kwargs)
+
+    @property
+    def policy(self) -> LoadedPolicy:
+        """The live policy."""
+        assert self._live.policy is not None  # set in __init__, only ever replaced
+        return self._live.policy
+
+    @property
+    def shadow_policy(self) -> LoadedPolicy | None:
+        return self._shadow.policy if self._shadow else None
+
+    # -- deciding ----------------------------------------------------------------------
+
+    async def process(self, event: Event, ctx: Context) -> list[Output]:
+        self.maybe_reload()
+        action = (
+            ctx.data
+            if isinstance(ctx.data, ProposedAction)
+            else ProposedAction.model_validate(event.data)
+        )
+        now_ms = _epoch_ms(event.time)
+        policy = self.policy
+        try:
+            book = ledger.load(ctx.state)
+        except ledger.LedgerError as exc:
+            book = None
+            verdict = Verdict(policy_error(policy.version, f"bad gate state: {exc}"), {})
+        if book is not None:
+            request = Request(
+                tenant=event.tenant,
+                agent=action.agent,
+                tool=action.tool,
+                args=action.args,
+                spend=book.spend,
+                calls_in_window=book.calls_in_window(now_ms, self._window_ms),
+            )
+            verdict = policy.decide(request)
+            shadow = self.shadow_policy
+            if shadow is not None:
+                self._compare(ctx, verdict.decision, shadow.decide(request).decision)
+        decision = verdict.decision
+        if decision.allowed and book is not None:
+            book.charge(decision.cost, now_ms, self._window_ms)
+            ledger.store(ctx.state, book)
+        self._count(decision)
+        ctx.record(
+            "decision",
+            decision=decision.decision,
+            reasons=decision.reasons,
+            policy_version=decision.policy_version,
+            detail=_audit_detail(action.tool, verdict, book),
+        )
+        data = {
+            **event.data,
+            "args": verdict.args,
+            "decision": decision.decision,
+            "reasons": list(decision.reasons),
+            "policy_version": decision.policy_version,
+        }
+        if decision.allowed:
+            return [ctx.output(ACTIONS_ALLOWED, ACTION_ALLOWED, data)]
+        return [ctx.output(ACTIONS_DENIED, ACTION_DENIED, data)]
+
+    def _compare(self, ctx: Context, live: Decision, candidate: Decision) -> None:
+        if live.outcome() == candidate.outcome():
+            return
+        self.stats.shadow_divergences += 1
+        ctx.record(
+            "shadow_divergence",
+            decision=candidate.decision,
+            reasons=candidate.reasons,
+            policy_version=candidate.policy_version,
+            detail={"live": live.summary(), "shadow": candidate.summary()},
+        )
+
+    def _count(self, decision: Decision) -> None:
+        stats = self.stats
+        stats.decisions += 1
+        if decision.decision == "allow":
+            stats.allowed += 1
+        elif decision.decision == "redact":
+            stats.redacted += 1
+        else:
+            stats.denied += 1
+            if decision.error is not None:
+                stats.policy_errors += 1
+                log.warning("policy %s: %s", decision.policy_version, decision.error)
+
+    # -- reloading ---------------------------------------------------------------------
+
+    def maybe_reload(self) -> bool:
+        """Reload changed bundles if ``reload_interval_s`` passed since the last look."""
+        now = self._monotonic()
+        if now - self._last_poll < self._reload_interval_s:
+            return False
+        self._last_poll = now
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Reload every bundle whose files changed; True if one was swapped in."""
+        swapped = False
+        for watched in (self._live, self._shadow):
+            if watched is None:
+                continue
+            seen = signature(watched.path)
+            if seen == watched.seen:
+                continue
+            watched.seen = seen
+            swapped = self._swap(watched) or swapped
+        return swapped
+
+    def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reload on SIGHUP (Unix), between two events: the loop runs the handler."""
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        log.info("policy: SIGHUP, reloading")
+        for watched in (self._live, self._shadow):
+            if watched is not None:
+                watched.seen = signature(watched.path)
+                self._swap(watched)
+
+    def _swap(self, watched: _Watched) -> bool:
+        """Load ``watched``'s bundle and make it current, unless unchanged or broken."""
+        current = watched.policy.version if watched.policy else None
+        try:
+            bundle = load_bundle(watched.path)
+        except BundleError as exc:
+            return self._refuse(watched, None, exc)
+        if bundle.version in (current, watched.refused):
+            return False  # touched but not changed, or already refused
+        try:
+            policy = LoadedPolicy.from_bundle(
+                bundle,
+                compiler=self._compiler,
+                budget_s=self._budget_s,
+                cache_size=self._cache_size,
+            )
+        except (BundleError, PolicyCompileError) as exc:
+            return self._refuse(watched, bundle.version, exc)
+        watched.policy = policy
+        watched.refused = None
+        self.stats.reloads += 1
+        log.info(
+            "policy: %s bundle %s is now %s (was %s; engine %s)",
+            watched.label,
+            watched.path,
+            policy.version,
+            current or "none",
+            policy.engine.mode,
+        )
+        return True
+
+    def _refuse(self, watched: _Watched, version: str | None, error: Exception) -> bool:
+        watched.refused = version
+        self.stats.refused_reloads += 1
+        current = watched.policy.version if watched.policy else "nothing"
+        log.error(
+            "policy: refused %s bundle %s (%s): %s; still enforcing %s",
+            watched.label,
+            watched.path,
+            version or "unreadable",
+            error,
+            current,
+        )
+        return False
+
+    def _load(self, path: Path) -> LoadedPolicy:
+        return LoadedPolicy.load(
+            path, compiler=self._compiler, budget_s=self._budget_s, cache_size=self._cache_size
+        )
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _audit_detail(tool: str, verdict: Verdict, book: ledger.Ledger | None) -> dict[str, Any]:
+    decision = verdict.decision
+    detail: dict[str, Any] = {"tool": tool, "cached": verdict.cached}
+    if not verdict.cached:
+        detail["eval_us"] = round(verdict.eval_s * 1e6)
+    if decision.allowed:
+        detail["cost"] = decision.cost
+    if book is not None:
+        detail["spend"] = book.spend
+    if decision.masks:
+        # Where and how arguments were masked; never the matched text itself.
+        detail["masks"] = [{"path": list(m.path), "mask": m.mask} for m in decision.masks]
+    if decision.detail:
+        detail["policy"] = dict(decision.detail)
+    if decision.error is not None:
+        detail["error"] = decision.error
+    return detail

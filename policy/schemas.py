@@ -1,0 +1,65 @@
+"""The gate's own view of the events it reads and writes.
+
+``policy`` may not import ``agents`` (DESIGN.md, "Layout"), so the gate
+declares the ``action.proposed`` data it accepts here, with the same fields
+and limits as ``agents.schemas.ActionProposed``; what it emits
+(``action.allowed`` / ``action.denied``) is that data plus the decision
+fields, which ``agents.schemas.ActionAllowed`` / ``ActionDenied`` accept.
+The topic and type names are the contract between the two packages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ACTIONS_PROPOSED: Final = "actions.proposed"
+ACTIONS_ALLOWED: Final = "actions.allowed"
+ACTIONS_DENIED: Final = "actions.denied"
+ACTION_PROPOSED: Final = "action.proposed"
+ACTION_ALLOWED: Final = "action.allowed"
+ACTION_DENIED: Final = "action.denied"
+
+MAX_ACTIONS: Final = 16
+MAX_ARGS_BYTES: Final = 16384
+
+AgentName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+]
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")]
+
+
+class ProposedAction(BaseModel):
+    """``action.proposed`` data: one planned tool call, for the gate to decide on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str = Field(min_length=1, max_length=128)
+    agent: AgentName = "assistant"
+    action_index: int = Field(ge=0)
+    action_count: int = Field(ge=1, le=MAX_ACTIONS)
+    tool: ToolName
+    args: dict[str, Any] = Field(default_factory=dict)
+    task_time: datetime | None = None
+
+    @field_validator("args")
+    @classmethod
+    def _args_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError as exc:
+            raise ValueError(f"args must be JSON: {exc}") from None
+        if size > MAX_ARGS_BYTES:
+            raise ValueError(f"args is {size} bytes of JSON, over the {MAX_ARGS_BYTES}-byte limit")
+        return value
+
+    @model_validator(mode="after")
+    def _index_in_plan(self) -> ProposedAction:
+        if self.action_index >= self.action_count:
+            raise ValueError(
+                f"action_index {self.action_index} is outside a plan of {self.action_count}"
+            )
+        return self
