@@ -9,6 +9,8 @@ Prints msg/s for
 
 Each case gets its own stream (deleted afterwards); the server and this
 process share the machine, so compare figures of one run with each other.
+The second column is this process's CPU time per message: on a busy machine
+it is steadier than the rate.
 
     python benchmarks/nats_transport_micro.py --url nats://127.0.0.1:4222
 """
@@ -28,18 +30,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from streams.transport import OutMessage
 from streams.transports.nats import NatsTransport
 
-
-def _rate(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else float("inf")
+Result = tuple[float, float]  # msg/s, client CPU microseconds per message
 
 
-async def _timed(n: int, work: Callable[[], Awaitable[None]]) -> float:
-    started = time.perf_counter()
+async def _timed(n: int, work: Callable[[], Awaitable[None]]) -> Result:
+    wall, cpu = time.perf_counter(), time.process_time()
     await work()
-    return _rate(n, time.perf_counter() - started)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return (n / wall if wall > 0 else float("inf")), cpu / n * 1e6
 
 
-async def raw_core_publish(nc: Client, n: int, payload: bytes) -> float:
+async def raw_core_publish(nc: Client, n: int, payload: bytes) -> Result:
     subject = f"bench.core.{uuid.uuid4().hex}"
 
     async def work() -> None:
@@ -58,18 +59,36 @@ async def raw_stream(nc: Client, storage: StorageType) -> str:
     return name
 
 
-async def raw_publish_async(nc: Client, stream: str, n: int, payload: bytes, window: int) -> float:
+def event_headers(ce_headers: bool) -> dict[str, str] | None:
+    """CloudEvents headers as the pipeline sends them, with a fresh event id."""
+    if not ce_headers:
+        return None
+    return {
+        "content-type": "application/cloudevents+json",
+        "ce_id": uuid.uuid4().hex,
+        "ce_type": "task.submitted",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+
+
+async def raw_publish_async(
+    nc: Client, stream: str, n: int, payload: bytes, window: int, ce_headers: bool
+) -> Result:
     js = nc.jetstream(publish_async_max_pending=window)
+    headers = [event_headers(ce_headers) for _ in range(n)]
+    for h in headers:
+        if h is not None:
+            h["Nats-Msg-Id"] = h["ce_id"]  # what our transport adds
 
     async def work() -> None:
-        for _ in range(n):
-            await js.publish_async(f"{stream}.0", payload)
+        for h in headers:
+            await js.publish_async(f"{stream}.0", payload, headers=h)
         await js.publish_async_completed()
 
     return await _timed(n, work)
 
 
-async def raw_fetch(nc: Client, stream: str, n: int, batch: int) -> float:
+async def raw_fetch(nc: Client, stream: str, n: int, batch: int) -> Result:
     js = nc.jetstream()
     psub = await js.pull_subscribe(
         f"{stream}.0",
@@ -85,17 +104,20 @@ async def raw_fetch(nc: Client, stream: str, n: int, batch: int) -> float:
             got += len(msgs)
             await msgs[-1].ack()
 
-    rate = await _timed(n, work)
+    result = await _timed(n, work)
     await psub.unsubscribe()
-    return rate
+    return result
 
 
-async def our_publish(t: NatsTransport, n: int, payload: bytes) -> float:
-    batch = [OutMessage("bench", payload, key=f"s{i % 64}".encode()) for i in range(n)]
+async def our_publish(t: NatsTransport, n: int, payload: bytes, ce_headers: bool) -> Result:
+    batch = [
+        OutMessage("bench", payload, key=f"s{i % 64}".encode(), headers=event_headers(ce_headers))
+        for i in range(n)
+    ]
     return await _timed(n, lambda: t.publish_batch(batch))
 
 
-async def our_fetch(t: NatsTransport, n: int, batch: int) -> float:
+async def our_fetch(t: NatsTransport, n: int, batch: int) -> Result:
     sub = await t.subscribe(["bench"], group="bench")
 
     async def work() -> None:
@@ -107,9 +129,9 @@ async def our_fetch(t: NatsTransport, n: int, batch: int) -> float:
             got += len(msgs)
             await sub.commit(msgs)
 
-    rate = await _timed(n, work)
+    result = await _timed(n, work)
     await sub.close()
-    return rate
+    return result
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -130,9 +152,9 @@ async def main(args: argparse.Namespace) -> None:
         results = {
             "raw core publish": await raw_core_publish(nc, n, payload),
             f"raw js.publish_async (window {args.window})": await raw_publish_async(
-                nc, raw, n, payload, args.window
+                nc, raw, n, payload, args.window, args.ce_headers
             ),
-            "our publish_batch": await our_publish(t, n, payload),
+            "our publish_batch": await our_publish(t, n, payload, args.ce_headers),
             f"raw psub.fetch({args.batch}) + AckAll": await raw_fetch(nc, raw, n, args.batch),
             f"our fetch({args.batch}) + commit": await our_fetch(t, n, args.batch),
         }
@@ -144,10 +166,11 @@ async def main(args: argparse.Namespace) -> None:
         await nc.close()
     print(
         f"# {n} messages of {args.size} bytes, {args.storage} storage, "
-        f"{args.partitions} partition(s) for ours"
+        f"{args.partitions} partition(s) for ours, "
+        + ("CloudEvents headers" if args.ce_headers else "no headers (ours: the key header)")
     )
-    for name, rate in results.items():
-        print(f"{name:<40} {rate:>12,.0f} msg/s")
+    for name, (rate, cpu_us) in results.items():
+        print(f"{name:<40} {rate:>10,.0f} msg/s {cpu_us:>7.1f} us CPU/msg")
 
 
 def parse_args() -> argparse.Namespace:
@@ -159,6 +182,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2000, help="fetch batch size")
     parser.add_argument("--window", type=int, default=4096, help="raw publish_async window")
     parser.add_argument("--storage", choices=["file", "memory"], default="file")
+    parser.add_argument(
+        "--ce-headers",
+        action="store_true",
+        help="publish with the pipeline's CloudEvents headers and a unique Nats-Msg-Id",
+    )
     return parser.parse_args()
 
 

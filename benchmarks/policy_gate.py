@@ -172,28 +172,50 @@ def record_requests(events: list[Event]) -> list[Request]:
     return requests
 
 
+ROUNDS = 3
+
+
+def _best_seconds(fn: Callable[[], None], rounds: int = ROUNDS) -> float:
+    """The fastest of ``rounds`` runs: the machines we share are noisy, and noise only adds.
+
+    The heap built for the benchmark (all requests up front) is frozen out of
+    the garbage collector, which would otherwise rescan it over and over, a
+    cost the runner (batches of 500) does not pay.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        gc.collect()
+        gc.freeze()
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+        gc.unfreeze()
+    return best
+
+
 def _rate(n: int, fn: Callable[[], None]) -> float:
-    gc.collect()
-    started = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - started)
+    return n / _best_seconds(fn)
 
 
 def bench_decide(requests: list[Request], *, cache_size: int, mode: Mode) -> dict[str, Any]:
+    """decide() over the requests; with a cache, each round starts from a cold one."""
     bundle = load_bundle(default_bundle_path())
-    policy = LoadedPolicy(bundle, compile_bundle(bundle, mode=mode), cache_size=cache_size)
-    decide = policy.decide
+    engine = compile_bundle(bundle, mode=mode)
+    policies: list[LoadedPolicy] = []
 
     def run() -> None:
+        policy = LoadedPolicy(bundle, engine, cache_size=cache_size)
+        policies.append(policy)
+        decide = policy.decide
         for r in requests:
             decide(r)
 
     rate = _rate(len(requests), run)
     result: dict[str, Any] = {"decisions_per_s": round(rate)}
     if cache_size:
-        total = policy.cache.hits + policy.cache.misses
-        result["cache_hit_rate"] = round(policy.cache.hits / total, 3) if total else 0.0
-        result["cache_entries"] = len(policy.cache)
+        cache = policies[-1].cache
+        result["cache_hit_rate"] = round(cache.hits / (cache.hits + cache.misses), 3)
+        result["cache_entries"] = len(cache)
     return result
 
 
@@ -244,24 +266,33 @@ def bench_batched_interpreter(requests: list[Request], batch: int = 100) -> dict
     return {"decisions_per_s": round(_rate(len(docs), run)), "batch": batch}
 
 
-def bench_process(events: list[Event], gate: Any) -> dict[str, Any]:
-    states: dict[str, dict[str, Any]] = {}
-    contexts = _contexts(gate, events, states)
+def bench_process(events: list[Event], make_gate: Callable[[], Any]) -> dict[str, Any]:
+    """process() per event, on a fresh gate and fresh states each round.
+
+    The Contexts (what the runner builds per event, validated data included)
+    are made outside the timed loop: their cost is the runner's, not the gate's.
+    """
     loop = asyncio.new_event_loop()
-
-    async def run_all() -> None:
+    best = float("inf")
+    for _ in range(ROUNDS):
+        gate = make_gate()
+        contexts = _contexts(gate, events, {})
         process = gate.process
-        for ctx in contexts:
-            await process(ctx.event, ctx)
 
-    gc.collect()
-    started = time.perf_counter()
-    loop.run_until_complete(run_all())
-    elapsed = time.perf_counter() - started
+        async def run_all(contexts: list[Context] = contexts, process: Any = process) -> None:
+            for ctx in contexts:
+                await process(ctx.event, ctx)
+
+        gc.collect()
+        gc.freeze()
+        started = time.perf_counter()
+        loop.run_until_complete(run_all())
+        best = min(best, time.perf_counter() - started)
+        gc.unfreeze()
     loop.close()
     return {
-        "us_per_event": round(elapsed / len(events) * 1e6, 2),
-        "events_per_s": round(len(events) / elapsed),
+        "us_per_event": round(best / len(events) * 1e6, 1),
+        "events_per_s": round(len(events) / best),
     }
 
 
@@ -290,9 +321,9 @@ def main() -> None:
         "engine_only": bench_engine_only(requests),
         "batched_interpreter": bench_batched_interpreter(requests),
         "cached": bench_decide(requests, cache_size=65536, mode="rvm"),
-        "process": bench_process(events, PolicyGate()),
-        "process_uncached": bench_process(events, PolicyGate(cache_size=0)),
-        "process_allow_all": bench_process(events, AllowAllGate()),
+        "process": bench_process(events, PolicyGate),
+        "process_uncached": bench_process(events, lambda: PolicyGate(cache_size=0)),
+        "process_allow_all": bench_process(events, AllowAllGate),
     }
     text = json.dumps(results, indent=2)
     print(text)

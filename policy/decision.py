@@ -140,6 +140,8 @@ def _kind(value: Any) -> str:
 def _reasons(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_REASONS:
         raise MalformedDecision(f"reasons must be a list of at most {MAX_REASONS} codes")
+    if not value:
+        return ()
     for code in value:
         if not isinstance(code, str) or not REASON_CODE.fullmatch(code):
             raise MalformedDecision(f"reason {code!r} is not a reason code ({REASON_CODE.pattern})")
@@ -160,6 +162,8 @@ def _cost(value: Any) -> int | float:
 def _masks(value: Any) -> tuple[Mask, ...]:
     if not isinstance(value, list) or len(value) > MAX_MASKS:
         raise MalformedDecision(f"masks must be a list of at most {MAX_MASKS} masks")
+    if not value:
+        return ()
     masks = []
     for item in value:
         if not isinstance(item, dict) or set(item) != {"path", "match", "mask"}:

@@ -9,7 +9,9 @@ The policy reads facts, not raw text, where Rego would be slow or error-prone:
   check. regorus compiles a regex on every call (35-600 us each, measured),
   and a Luhn sum is plain arithmetic, so both live here; the policy decides
   which kinds a tenant redacts and how the mask reads;
-- ``args_bytes``: the size of ``args`` as compact JSON.
+- ``args_kib``: the size of ``args`` as compact JSON, in KiB rounded up. Whole
+  KiB because a limit in KiB is then exact while decisions are reused across
+  argument sizes (exact byte counts made most cache keys unique).
 
 The bundle may declare which input fields its policy reads
 (``data.gate.input``); the gate then passes only those. That matters because
@@ -21,7 +23,7 @@ read it but does not declare it sees it undefined and fails closed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -36,7 +38,7 @@ INPUT_FIELDS: Final = (
     "agent",
     "tool",
     "args",
-    "args_bytes",
+    "args_kib",
     "url_host",
     "pii",
     "spend",
@@ -89,20 +91,34 @@ def url_host(value: Any) -> str | None:
     return host
 
 
-def iter_strings(
-    value: Any, path: tuple[PathItem, ...] = ()
-) -> Iterator[tuple[list[PathItem], str]]:
-    """Every string in a JSON value (not keys), with its path."""
-    if isinstance(value, str):
-        yield list(path), value
-    elif len(path) >= MAX_DEPTH and isinstance(value, dict | list):
-        raise InputTooComplex(f"arguments nest deeper than {MAX_DEPTH} levels")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from iter_strings(item, (*path, key))
+def strings_in(value: Any) -> list[tuple[list[PathItem], str]]:
+    """Every string in a JSON value (not keys), with its path, in document order.
+
+    Raises InputTooComplex for values nested deeper than MAX_DEPTH.
+    """
+    found: list[tuple[list[PathItem], str]] = []
+    _collect(value, [], found)
+    return found
+
+
+def _collect(value: Any, path: list[PathItem], found: list[tuple[list[PathItem], str]]) -> None:
+    # A loop over items with a type check per item: most arguments are one
+    # flat object of strings, and this is on every decision's path.
+    if isinstance(value, dict):
+        items: Iterable[tuple[PathItem, Any]] = value.items()
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from iter_strings(item, (*path, index))
+        items = enumerate(value)
+    else:
+        if isinstance(value, str):
+            found.append((path, value))
+        return
+    if len(path) >= MAX_DEPTH:
+        raise InputTooComplex(f"arguments nest deeper than {MAX_DEPTH} levels")
+    for key, item in items:
+        if isinstance(item, str):
+            found.append(([*path, key], item))
+        elif isinstance(item, dict | list):
+            _collect(item, [*path, key], found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +136,16 @@ class InputBuilder:
         if not isinstance(gate, dict):
             raise BundleError("data.json: gate must be an object")
         self.patterns = _patterns(gate.get("pii", {}))
+        self._scanners = [(p.kind, p.regex.findall, p.checksum) for p in self.patterns]
         self.fields = _fields(gate.get("input"))
+        self._want_args = "args" in self.fields
         self._want_pii = "pii" in self.fields
         self._want_host = "url_host" in self.fields
+        # The always-computed (cheap) fields the policy did not declare.
+        self._drop = tuple(
+            f for f in ("tenant", "agent", "tool", "args_kib", "spend", "calls_in_window")
+            if f not in self.fields
+        )
 
     def build(
         self,
@@ -135,20 +158,24 @@ class InputBuilder:
         calls_in_window: int,
     ) -> dict[str, Any]:
         """The policy input for one action, with only the declared fields."""
-        facts: dict[str, Any] = {
+        document: dict[str, Any] = {
             "tenant": tenant,
             "agent": agent,
             "tool": tool,
-            "args": args,
-            "args_bytes": len(orjson.dumps(args)),
+            "args_kib": -(-len(orjson.dumps(args)) // 1024),
             "spend": spend,
             "calls_in_window": calls_in_window,
         }
+        if self._want_args:
+            document["args"] = args
         if self._want_host:
-            facts["url_host"] = url_host(args.get("url"))
+            document["url_host"] = url_host(args.get("url"))
         if self._want_pii:
-            facts["pii"] = self.find_pii(args)
-        return {name: facts[name] for name in self.fields}
+            document["pii"] = self.find_pii(args)
+        if self._drop:
+            for name in self._drop:
+                del document[name]
+        return document
 
     def find_pii(self, args: Mapping[str, Any]) -> list[dict[str, Any]]:
         """PII candidates in the strings of ``args``, in a stable order.
@@ -158,11 +185,11 @@ class InputBuilder:
         findings: list[dict[str, Any]] = []
         if not self.patterns:
             return findings
-        for path, text in iter_strings(args):
-            for pattern in self.patterns:
-                for found in pattern.regex.findall(text):
-                    finding: dict[str, Any] = {"kind": pattern.kind, "path": path, "match": found}
-                    if pattern.checksum == "luhn":
+        for path, text in strings_in(args):
+            for kind, findall, checksum in self._scanners:
+                for found in findall(text):
+                    finding: dict[str, Any] = {"kind": kind, "path": path, "match": found}
+                    if checksum == "luhn":
                         digits = "".join(c for c in found if c.isdigit())
                         finding["digits"] = digits
                         finding["luhn"] = luhn_ok(digits)

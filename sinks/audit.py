@@ -136,14 +136,14 @@ def iter_links(
 ) -> Iterator[tuple[Any, ...]]:
     """Chain ``records`` (partition, record) onto ``heads`` (partition -> head), in order.
 
-    Yields one tuple per record in ``COPY_COLUMNS`` order, with ``reasons``
-    and ``detail`` as JSON text, advancing ``heads`` in place as it goes (the
-    store streams these into COPY, so hashing overlaps the server's work).
-    Every partition of ``records`` must have a head (``ChainHead(0,
-    GENESIS_HASH)`` for a new chain). This runs for every audit row, so it
-    builds each canonical document directly instead of going through
-    ``canonical_json``; ``tests/unit/test_sinks_audit.py`` holds the two to the
-    same bytes.
+    Yields one tuple per record in ``COPY_COLUMNS`` order (``time`` as the
+    ``datetime``, ``reasons`` and ``detail`` as JSON text), advancing ``heads``
+    in place as it goes: the store streams these into COPY, so hashing
+    overlaps the server's work. Every partition of ``records`` must have a
+    head (``ChainHead(0, GENESIS_HASH)`` for a new chain). This runs for every
+    audit row, so it builds each canonical document directly instead of going
+    through ``canonical_json``; ``tests/unit/test_sinks_audit.py`` holds the
+    two to the same bytes.
     """
     stamp = format_time(time)
     for partition, record in records:
@@ -158,7 +158,7 @@ def iter_links(
             chain_step,
             partition,
             seq,
-            stamp,
+            time,
             record.tenant,
             record.session,
             record.event_id,

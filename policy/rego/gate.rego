@@ -18,7 +18,7 @@
 # that give the same facts:
 #
 #   tenant, agent, tool              from the action.proposed event
-#   args_bytes                       size of args as compact JSON
+#   args_kib                         size of args as compact JSON, KiB rounded up
 #   url_host                         host of args.url if an http(s) URL, else null
 #   pii                              PII candidates found in args (see pii.rego)
 #   spend                            spent so far in this session (gate state)
@@ -44,14 +44,9 @@ reasons contains "budget_exceeded" if not budget_ok
 
 reasons contains "rate_limited" if not rate_ok
 
-decision := {"decision": "deny", "reasons": sort(reasons), "masks": masks} if count(reasons) > 0
-
-decision := {"decision": "redact", "reasons": ["pii_redacted"], "cost": cost, "masks": masks} if {
-	count(reasons) == 0
+# Deny wins over redact, redact over allow.
+decision := {"decision": "deny", "reasons": sort(reasons), "masks": masks} if {
+	count(reasons) > 0
+} else := {"decision": "redact", "reasons": ["pii_redacted"], "cost": cost, "masks": masks} if {
 	count(masks) > 0
-}
-
-decision := {"decision": "allow", "reasons": [], "cost": cost, "masks": []} if {
-	count(reasons) == 0
-	count(masks) == 0
-}
+} else := {"decision": "allow", "reasons": [], "cost": cost, "masks": []}

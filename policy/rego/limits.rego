@@ -13,4 +13,4 @@ budget_ok if input.spend + cost <= settings.session_budget
 # event's time; this call would be one more.
 rate_ok if input.calls_in_window < settings.rate_per_minute
 
-size_ok if input.args_bytes <= settings.max_args_bytes
+size_ok if input.args_kib <= settings.max_args_kib

@@ -20,6 +20,18 @@ NATS has no message keys, no consumer groups and no rebalancing, so:
 
 Offsets are JetStream stream sequences: they grow within a partition but are
 shared by all partitions of a topic, so they have gaps.
+
+Throughput is bound by nats-py's per-message Python cost, so both paths
+avoid its slow spots (benchmarks/nats_transport_micro.py measures them):
+
+- publishing sends each message as a core publish with a reply subject under
+  one wildcard inbox and counts the acks per batch, in a bounded window,
+  instead of a future per message (``js.publish_async``); the HPUB command is
+  built here, because nats-py's header encoding costs more than the rest of a
+  publish (``fast_publish``; it uses nats-py internals, pinned at 2.16);
+- fetching keeps one pull request per owned partition in flight, raw on
+  ``$JS.API.CONSUMER.MSG.NEXT``, into one inbox subscription per partition,
+  and prefetches the next batch while the caller works on the current one.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import orjson
 from nats.aio.client import Client
@@ -75,7 +87,6 @@ _STATUS_HEADER = "Status"
 _DESCRIPTION_HEADER = "Description"
 # Headers the server or this module adds; never shown to consumers.
 _NATS_HEADER_PREFIX = "Nats-"
-_OUR_HEADERS = frozenset({KEY_HEADER, KEY_B64_HEADER})
 
 # JetStream API error codes we act on.
 _ERR_STREAM_NAME_IN_USE = 10058
@@ -83,6 +94,9 @@ _ERR_STREAM_NOT_FOUND = 10059
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+")
+# What nats-py accepts as a header name (an HTTP token).
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES_TO_SPACES = str.maketrans({"\r": " ", "\n": " "})
 _CONSUMER_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 # The reply subject of a JetStream delivery carries its metadata:
@@ -112,6 +126,8 @@ class NatsTuning:
     publish_window_bytes: int = 32 * 1024 * 1024
     # A batch fails when no ack at all arrived for this long.
     publish_ack_timeout: float = 10.0
+    # Write HPUB commands straight into nats-py's output buffer (see _hpub).
+    fast_publish: bool = True
     api_timeout: float = 5.0
     connect_timeout: float = 5.0
     max_reconnect_attempts: int = 60
@@ -124,6 +140,14 @@ class NatsTuning:
     # How long fetch keeps waiting for a batch the server says is on its way.
     fill_wait: float = 0.05
     observer_inactive_threshold: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.storage not in ("file", "memory"):
+            raise ValueError(f"storage must be 'file' or 'memory', got {self.storage!r}")
+        if self.publish_window < 2 or self.publish_window_bytes <= 0:
+            raise ValueError("publish_window must be at least 2 and publish_window_bytes positive")
+        if self.pull_expires <= 0 or self.fetch_max_bytes <= 0:
+            raise ValueError("pull_expires and fetch_max_bytes must be positive")
 
 
 def stream_name(prefix: str, topic: str) -> str:
@@ -153,20 +177,23 @@ def encode_key(key: bytes) -> tuple[str, str]:
     return KEY_B64_HEADER, base64.b64encode(key).decode()
 
 
-def split_headers(raw: Mapping[str, str] | None) -> tuple[bytes | None, dict[str, str]]:
-    """Separate the key from the headers a consumer should see."""
+def split_headers(raw: dict[str, str] | None) -> tuple[bytes | None, dict[str, str]]:
+    """Take the key out of ``raw`` and return it with what a consumer should see.
+
+    ``raw`` is changed in place: nats-py builds a fresh dict per message, and
+    not copying it is a measurable part of the per-message cost.
+    """
     if not raw:
         return None, {}
-    key: bytes | None = None
-    headers: dict[str, str] = {}
-    for name, value in raw.items():
-        if name == KEY_HEADER:
-            key = value.encode()
-        elif name == KEY_B64_HEADER:
-            key = base64.b64decode(value)
-        elif not name.startswith(_NATS_HEADER_PREFIX):
-            headers[name] = value
-    return key, headers
+    text = raw.pop(KEY_HEADER, None)
+    key = None if text is None else text.encode()
+    if KEY_B64_HEADER in raw:
+        key = base64.b64decode(raw.pop(KEY_B64_HEADER))
+    raw.pop(MSG_ID_HEADER, None)
+    internal = [name for name in raw if name.startswith(_NATS_HEADER_PREFIX)]
+    for name in internal:
+        del raw[name]
+    return key, raw
 
 
 def _check_topic(topic: str) -> None:
@@ -190,6 +217,33 @@ def _check_size(message: OutMessage, headers: Mapping[str, str], max_payload: in
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _header_name_ok(name: str) -> bool:
+    return _HEADER_NAME_RE.fullmatch(name) is not None
+
+
+def _hpub(subject: str, reply: str, headers: Mapping[str, str], payload: bytes) -> bytes:
+    """The HPUB protocol command nats-py would write for this message, built faster.
+
+    nats-py 2.16 runs ``str.translate`` over every header value to fold CR/LF,
+    which costs ~3 us per header, more than the rest of a publish. Header
+    values rarely hold CR/LF, so only those that do are translated; names are
+    checked once each (they repeat). The result is byte-for-byte what
+    ``Client.publish`` sends: values stripped, CR/LF replaced by spaces.
+    """
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if not _header_name_ok(name):
+            raise TransportError(f"invalid header name {name!r}")
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES_TO_SPACES)
+        lines.append(f"{name}: {value.strip()}\r\n")
+    lines.append("\r\n")
+    block = "".join(lines).encode()
+    head = f"HPUB {subject} {reply} {len(block)} {len(block) + len(payload)}\r\n".encode()
+    return head + block + payload + b"\r\n"
+
+
 def _status_of(msg: Msg) -> str | None:
     return msg.headers.get(_STATUS_HEADER) if msg.headers else None
 
@@ -208,6 +262,20 @@ def _ack_failure(msg: Msg) -> str | None:
         return f"{error.get('description', error)} (code {error.get('err_code')})"
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         return msg.data.decode(errors="replace")
+
+
+def _can_write_commands(nc: Client) -> bool:
+    """Whether this nats-py has the internals :func:`_write_command` uses (2.16 does)."""
+    return all(hasattr(nc, a) for a in ("_send_command", "_flush_pending", "_flush_queue"))
+
+
+async def _write_command(nc: Client, command: bytes) -> None:
+    """Queue a protocol command as ``Client._send_publish`` does, and kick the flusher."""
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(command)
+    await nc._send_command(command)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 class _PublishBatch:
@@ -257,11 +325,9 @@ class _PublishBatch:
         self._wake_at = -1
 
 
-class _AckHandle(NamedTuple):
-    """What ``commit`` needs of a fetched message: its ack subject and consumer generation."""
-
-    generation: int
-    reply: str
+# What commit needs of a fetched message: the generation of the consumer that
+# delivered it and its ack subject. A plain tuple: it is built per message.
+_AckHandle = tuple[int, str]
 
 
 class NatsTransport:
@@ -387,18 +453,14 @@ class NatsTransport:
         except NotFoundError:
             pass
         except (NatsError, TimeoutError) as exc:
-            raise TransportError(
-                f"cannot look up stream {name} for topic {topic!r}: {exc}"
-            ) from exc
+            raise TransportError(f"cannot look up stream {name} ({topic!r}): {exc}") from exc
         try:
             await js.add_stream(self._stream_config(topic))
         except APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:  # another worker won the race
-                raise TransportError(
-                    f"cannot create stream {name} for topic {topic!r}: {exc}"
-                ) from exc
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:  # else another worker won the race
+                raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
         except (NatsError, TimeoutError) as exc:
-            raise TransportError(f"cannot create stream {name} for topic {topic!r}: {exc}") from exc
+            raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
 
     # -- publishing ---------------------------------------------------------
 
@@ -448,29 +510,28 @@ class NatsTransport:
 
     async def _send_batch(self, nc: Client, batch: _PublishBatch, reply_prefix: str) -> None:
         t = self.tuning
-        # Refill from half the window, so each wake-up sends a burst instead
-        # of one message per ack.
-        low_water = t.publish_window // 2
         max_payload = nc.max_payload
+        fast = t.fast_publish and _can_write_commands(nc)
         for index, message in enumerate(batch.messages):
-            if batch.in_flight >= t.publish_window or (
-                batch.in_flight_bytes >= t.publish_window_bytes and batch.in_flight > 0
-            ):
-                await batch.wait_until(low_water, t.publish_ack_timeout)
+            # A full window drains to half before sending resumes, so each
+            # wake-up sends a burst instead of one message per ack.
+            if batch.in_flight >= t.publish_window:
+                await batch.wait_until(t.publish_window // 2, t.publish_ack_timeout)
+            elif batch.in_flight_bytes >= t.publish_window_bytes and batch.in_flight > 0:
+                await batch.wait_until(batch.in_flight // 2, t.publish_ack_timeout)
             if batch.error is not None:
                 return
             headers = self._wire_headers(message)
-            if len(message.value) > max_payload // 2:
+            if len(message.value) > max_payload // 2:  # headers alone are never that big
                 _check_size(message, headers, max_payload)
             batch.on_sent(len(message.value))
             # Core publish with a reply subject is a JetStream publish; the
             # stream answers on the reply, which our wildcard inbox counts.
-            await nc.publish(
-                self._subject(message),
-                message.value,
-                reply=f"{reply_prefix}{index}",
-                headers=headers,
-            )
+            subject, reply = self._subject(message), f"{reply_prefix}{index}"
+            if fast and nc.is_connected and not nc.is_draining_pubs:
+                await _write_command(nc, _hpub(subject, reply, headers, message.value))
+            else:  # reconnecting or draining: nats-py's own checks apply
+                await nc.publish(subject, message.value, reply=reply, headers=headers)
 
     async def _on_publish_ack(self, msg: Msg) -> None:
         batch_token, _, index_token = msg.subject[len(self._ack_prefix) + 1 :].partition(".")
@@ -494,7 +555,8 @@ class NatsTransport:
         on_revoke: PartitionsCallback | None = None,
     ) -> NatsSubscription:
         nc, js = self._conn()
-        owned = list(range(self.partitions)) if partitions is None else list(partitions)
+        owned = range(self.partitions) if partitions is None else list(dict.fromkeys(partitions))
+        topics = list(dict.fromkeys(topics))
         for p in owned:
             if not 0 <= p < self.partitions:
                 raise TransportError(f"partition {p} is outside 0..{self.partitions - 1}")
@@ -515,11 +577,11 @@ class NatsTransport:
         ]
         try:
             await asyncio.gather(*(r.open(start) for r in readers))
+            if on_assign is not None:
+                await on_assign(sub.assignment())
         except BaseException:
             await sub.close()
             raise
-        if on_assign is not None:
-            await on_assign(sub.assignment())
         sub.on_revoke = on_revoke  # only partitions that were assigned get revoked
         return sub
 
@@ -631,14 +693,15 @@ class NatsSubscription:
     async def _ack(self, message: Message) -> None:
         reader = self._readers.get(message.tp)
         handle = message.handle
-        if reader is None or not isinstance(handle, _AckHandle):
+        if reader is None or not isinstance(handle, tuple):
             raise TransportError(f"{message.tp} offset {message.offset} was not fetched here")
-        if handle.generation != reader.generation:
+        generation, reply = handle
+        if generation != reader.generation:
             return  # fetched before a seek; that consumer no longer exists
         try:
             # AckAll on the last message; a request, so the server has applied
             # it before we return and a resubscription sees the new ack floor.
-            await self.nc.request(handle.reply, b"+ACK", timeout=self.tuning.api_timeout)
+            await self.nc.request(reply, b"+ACK", timeout=self.tuning.api_timeout)
         except (NatsError, TimeoutError) as exc:
             raise TransportError(
                 f"commit of {message.tp} at offset {message.offset} failed: {exc!r}"
@@ -679,6 +742,7 @@ class _PartitionReader:
     ) -> None:
         self.owner = owner
         self.tp = tp
+        self._topic, self._partition = tp.topic, tp.partition
         self.stream = stream
         self.subject = subject
         self.consumer = consumer
@@ -870,18 +934,13 @@ class _PartitionReader:
         self._last_seq = seq
         self._server_pending = int(tokens[base + 6])
         key, headers = split_headers(msg.headers)
-        self.buffer.append(
-            Message(
-                topic=self.tp.topic,
-                partition=self.tp.partition,
-                offset=seq,
-                key=key,
-                value=msg.data,
-                headers=headers,
-                timestamp_ms=int(tokens[base + 5]) // 1_000_000,
-                handle=_AckHandle(self.generation, msg.reply),
-            )
+        handle: _AckHandle = (self.generation, msg.reply)
+        # Positional arguments: this runs per message and keywords cost ~0.5 us.
+        timestamp_ms = int(tokens[base + 5]) // 1_000_000
+        message = Message(
+            self._topic, self._partition, seq, key, msg.data, headers, timestamp_ms, handle
         )
+        self.buffer.append(message)
         self.owner.wake.set()
 
     def _request_ended(self, msg: Msg) -> None:
