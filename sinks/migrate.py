@@ -88,6 +88,19 @@ async def migrate(conninfo: str, *, schema: str = DEFAULT_SCHEMA) -> list[str]:
         await conn.close()
 
 
+async def pending(conninfo: str, *, schema: str = DEFAULT_SCHEMA) -> list[str]:
+    """Versions not yet applied to ``schema`` (all of them when it does not exist)."""
+    check_schema(schema)
+    conn = await connect(conninfo, schema=schema, autocommit=True)
+    try:
+        cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = await cur.fetchone()
+        applied = await _applied(conn) if row and row[0] else {}
+    finally:
+        await conn.close()
+    return [m.version for m in available_migrations() if m.version not in applied]
+
+
 async def _prepare(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
     # Under the lock: CREATE ... IF NOT EXISTS is not safe against a
     # concurrent creator of the same object.

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import click
 
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.pipeline import build_steps, select_steps
-from sluicegate.runtime import parse_instance, run_steps, stop_on_signals
+from sluicegate.runtime import NotMigratedError, parse_instance, run_steps, stop_on_signals
+from streams.runner import RunnerConfig
+from streams.transport import TransportError
 
 
 @click.command("run")
@@ -47,9 +50,18 @@ def run(
         raise click.ClickException("--engine faust is not available yet; use --engine native")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
 
+    config = RunnerConfig()
+    crash_after = os.environ.get("SLUICE_TEST_CRASH_AFTER_COMMITS")
+    if crash_after:
+        # For the crash tests: die right after a checkpoint commit, before the ack.
+        config.crash_after_commits = int(crash_after)
+
     async def main() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        await run_steps(chosen, settings, stop=stop, instance=owned)
+        await run_steps(chosen, settings, stop=stop, instance=owned, config=config)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (NotMigratedError, TransportError) as exc:
+        raise click.ClickException(str(exc)) from None

@@ -50,6 +50,26 @@ async def open_store(settings: Settings) -> CheckpointStore:
     )
 
 
+class NotMigratedError(RuntimeError):
+    """The database schema lacks migrations this version needs."""
+
+
+async def require_migrated(settings: Settings) -> None:
+    """Refuse to start workers on a schema that ``sluice db migrate`` has not prepared.
+
+    Workers do not migrate themselves: they may run under a role that can only
+    write rows (see README, "Audit trail").
+    """
+    from sinks.migrate import pending
+
+    missing = await pending(settings.resolved_database_url(), schema=settings.db_schema)
+    if missing:
+        raise NotMigratedError(
+            f"schema {settings.db_schema!r} lacks migrations {', '.join(missing)}: "
+            "run `sluice db migrate` first"
+        )
+
+
 def parse_instance(text: str) -> tuple[int, int]:
     """``"i/n"`` (0-based i) → (i, n), with a message naming what is wrong."""
     try:
@@ -72,6 +92,7 @@ async def run_steps(
     config: RunnerConfig | None = None,
 ) -> list[StepRunner]:
     """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats)."""
+    await require_migrated(settings)
     transport = make_transport(settings, kind)
     await transport.connect()
     partitions = (

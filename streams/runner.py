@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,6 +66,10 @@ class RunnerConfig:
     # How many recent input ids per partition are kept to absorb re-produced events.
     dedupe_window: int = 50_000
     max_event_bytes: int = 1024 * 1024
+    # Testing aid: SIGKILL this process right after this many checkpoint commits
+    # (of all runners in the process), before the broker ack: the narrowest
+    # window of the commit protocol.
+    crash_after_commits: int | None = None
 
 
 @dataclass(slots=True)
@@ -256,10 +262,20 @@ class StepRunner:
                 await self._reload(batch.offsets.keys())
                 return
             self._apply(batch)
+            self._maybe_crash()
         if self._sub is not None:
             await self._sub.commit(messages)
         self.stats.batches += 1
         self.stats.last_batch_s = time.perf_counter() - started
+
+    def _maybe_crash(self) -> None:
+        global _commits_in_process
+        if self.config.crash_after_commits is None:
+            return
+        _commits_in_process += 1
+        if _commits_in_process >= self.config.crash_after_commits:
+            log.warning("%s: crashing on purpose after a checkpoint commit", self.processor.name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _commit_with_retry(self, batch: CommitBatch) -> None:
         """Commit, retrying transient store failures; the transaction is all or nothing."""
@@ -479,6 +495,10 @@ class StepRunner:
             await self._commit_with_retry(batch)
             self._pending_ids = {}
             self._apply(batch)
+
+
+# Checkpoint commits of every runner in this process (for crash_after_commits).
+_commits_in_process = 0
 
 
 class _BadOutput(TypeError):

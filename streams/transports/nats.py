@@ -349,6 +349,7 @@ class NatsTransport:
         self._batches: dict[int, _PublishBatch] = {}
         self._batch_ids = itertools.count(1)
         self._last_error: BaseException | None = None
+        self._valid_topics: set[str] = set()
 
     # -- connection ---------------------------------------------------------
 
@@ -465,6 +466,10 @@ class NatsTransport:
     # -- publishing ---------------------------------------------------------
 
     def _subject(self, message: OutMessage) -> str:
+        if message.topic not in self._valid_topics:
+            # Subjects go out unvalidated by nats-py: a space would break the protocol.
+            _check_topic(message.topic)
+            self._valid_topics.add(message.topic)
         p = message.partition
         if p is None:
             p = partition_for(message.key, self.partitions)

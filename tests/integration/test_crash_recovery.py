@@ -39,8 +39,12 @@ pytestmark = pytest.mark.integration
 TASKS = 5000
 
 
-def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, log: Path, *, crash_after_commits: int | None = None
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, **env_for(settings)}
+    if crash_after_commits is not None:
+        env["SLUICE_TEST_CRASH_AFTER_COMMITS"] = str(crash_after_commits)
     # The log goes to a file, not a pipe: a full pipe would stall the worker.
     with log.open("ab") as sink:
         return subprocess.Popen(
@@ -90,10 +94,14 @@ async def test_sigkill_twice_loses_nothing_and_duplicates_nothing(
 
     # The interrupted run: a real process, SIGKILLed twice mid-stream.
     await publish_events(crashed, events)
+    # First crash: the worker kills itself right after a Postgres checkpoint and
+    # before the broker ack, the narrowest window of the commit protocol.
+    worker = spawn_worker(crashed, log, crash_after_commits=40)
+    assert await asyncio.to_thread(worker.wait, 180) == -signal.SIGKILL
+    first_kill = await results_count(crashed)
+    # Second crash: SIGKILL from outside, wherever the worker happens to be.
     worker = spawn_worker(crashed, log)
-    first_kill = await wait_then_kill(worker, crashed, TASKS // 5, log)
-    worker = spawn_worker(crashed, log)
-    second_kill = await wait_then_kill(worker, crashed, TASKS // 2, log)
+    second_kill = await wait_then_kill(worker, crashed, max(first_kill + 1, TASKS // 2), log)
     assert first_kill < second_kill < TASKS, "the kills must land mid-stream"
     worker = spawn_worker(crashed, log)
     try:
