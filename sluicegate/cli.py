@@ -26,6 +26,7 @@ from sluicegate.settings import Settings
 # name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
     "db": "sluicegate.cli_db:db",
+    "demo": "sluicegate.cli_demo:demo",
     "local": "sluicegate.cli_local:local",
     "policy": "sluicegate.cli_policy:policy",
     "run": "sluicegate.cli_run:run",

@@ -1,7 +1,8 @@
 """Pipeline assembly: which steps run, in which order, with which gate and planner.
 
 ``build_steps`` gives the reference pipeline with the application's choices
-made (planner from ``SLUICE_LLM_URL``, policy gate when it is available);
+made: the planner from ``SLUICE_LLM_URL`` and the Rego policy gate (bundle
+from ``SLUICE_POLICY_BUNDLE``, shadow from ``SLUICE_POLICY_SHADOW``);
 ``select_steps`` picks the ones a worker runs (``sluice run --steps``).
 """
 
@@ -10,17 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from agents import topics
 from agents.pipeline import reference_steps
 from agents.planner import make_planner
+from agents.schemas import TASK_SUBMITTED, TaskSubmitted
+from policy.gate import PolicyGate
+from streams.codec import DataRegistry
 from streams.step import Processor
+
+TOPICS: tuple[str, ...] = topics.ALL
 
 
 def build_steps() -> list[Processor]:
-    return reference_steps(planner=make_planner(os.environ))
+    return reference_steps(planner=make_planner(os.environ), make_gate=PolicyGate)
 
 
-def step_names() -> list[str]:
-    return [step.name for step in build_steps()]
+def task_registry() -> DataRegistry:
+    """What upstream may publish on ``tasks``: the schema ``sluice publish`` validates."""
+    registry = DataRegistry()
+    registry.register(TASK_SUBMITTED, TaskSubmitted)
+    return registry
 
 
 def select_steps(steps: Sequence[Processor], wanted: str | None) -> list[Processor]:

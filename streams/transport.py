@@ -107,6 +107,10 @@ class Transport(Protocol):
         """Create the topics (with ``partitions`` partitions) that do not exist yet."""
         ...
 
+    async def delete_topics(self, topics: Iterable[str]) -> None:
+        """Delete the topics and their messages (missing ones are fine)."""
+        ...
+
     async def publish(self, message: OutMessage) -> None:
         """Publish one message and wait for the broker's ack."""
         ...

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ def nats_url(stack_home: Path) -> Iterator[str]:
     if url:
         require_reachable("SLUICE_NATS_URL", url, 4222)
         yield url
+        # A configured server outlives the tests: remove the streams they made.
+        asyncio.run(delete_test_streams(url))
         return
     from sluicegate import localstack
 
@@ -28,6 +32,28 @@ def nats_url(stack_home: Path) -> Iterator[str]:
         yield service.url
     finally:
         service.stop()
+
+
+TEST_STREAM = re.compile(r"^t[0-9a-f]{10}_")
+
+
+async def delete_test_streams(url: str) -> None:
+    """Delete the JetStream streams of test prefixes (``t<10 hex>_...``)."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        # The stream list comes in pages: repeat until a pass finds none.
+        while True:
+            names = [i.config.name for i in await js.streams_info() if i.config.name]
+            doomed = [name for name in names if TEST_STREAM.match(name)]
+            if not doomed:
+                return
+            for name in doomed:
+                await js.delete_stream(name)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +72,26 @@ def kafka_bootstrap(stack_home: Path) -> Iterator[str]:
         service.stop()
 
 
+async def drop_test_schemas(url: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname ~ '^s_t[0-9a-f]{10}$'"
+        )
+        for (name,) in await cur.fetchall():
+            await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
 @pytest.fixture(scope="session")
 def database_url(stack_home: Path) -> Iterator[str]:
     url = configured("SLUICE_DATABASE_URL")
     if url:
         require_reachable("SLUICE_DATABASE_URL", url, 5432)
         yield url
+        # A configured database outlives the tests: drop the schemas they made
+        # (also those of a failed test, which keeps its schema for a look).
+        asyncio.run(drop_test_schemas(url))
         return
     from sluicegate import localstack
 

@@ -36,13 +36,31 @@ def nats_server_binary() -> Path:
     )
 
 
+MAX_PAYLOAD = 2 * 1024 * 1024
+
+
 def start_nats(*, port: int, home: Path, timeout: float = 30.0) -> RunningService:
     """Start nats-server with JetStream on ``127.0.0.1:port``, storing under ``home/nats``."""
     home = home.resolve()
     store = home / "nats"
     store.mkdir(parents=True, exist_ok=True)
     url = f"nats://{LOOPBACK}:{port}"
-    argv = [str(nats_server_binary()), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(store)]
+    config = home / "nats.conf"
+    # The server's default max_payload (1 MiB, headers included) is below a
+    # full-size event (1 MiB body) plus its headers; allow a little more.
+    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    argv = [
+        str(nats_server_binary()),
+        "-c",
+        str(config),
+        "-a",
+        LOOPBACK,
+        "-p",
+        str(port),
+        "-js",
+        "-sd",
+        str(store),
+    ]
     return launch(
         NATS,
         argv,

@@ -318,6 +318,18 @@ class KafkaTransport:
                 raise TransportError(f"creating topic {topic!r} failed: {code} {message}")
         await self._await_topics(names)
 
+    async def delete_topics(self, topics: Iterable[str]) -> None:
+        admin, _ = self._connected()
+        existing = set(await admin.list_topics())
+        names = [n for n in (self._names.kafka(t) for t in topics) if n in existing]
+        if not names:
+            return
+        try:
+            await admin.delete_topics(names)
+        except KafkaError as exc:
+            raise _error(f"deleting topics {names} on {self.bootstrap}", exc) from exc
+        self._ready_topics.difference_update(names)
+
     async def _await_topics(self, names: Sequence[str], deadline_s: float = 10.0) -> None:
         """Wait until metadata shows every topic with all partitions led."""
         admin, _ = self._connected()

@@ -41,6 +41,11 @@ class MemoryTransport:
             for p in range(self.partitions):
                 self._logs.setdefault(TopicPartition(topic, p), [])
 
+    async def delete_topics(self, topics: Iterable[str]) -> None:
+        doomed = set(topics)
+        for tp in [tp for tp in self._logs if tp.topic in doomed]:
+            del self._logs[tp]
+
     def _append(self, out: OutMessage) -> None:
         p = out.partition if out.partition is not None else partition_for(out.key, self.partitions)
         tp = TopicPartition(out.topic, p)

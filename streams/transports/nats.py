@@ -429,6 +429,17 @@ class NatsTransport:
     async def ensure_topics(self, topics: Iterable[str]) -> None:
         await asyncio.gather(*(self._ensure_stream(t) for t in dict.fromkeys(topics)))
 
+    async def delete_topics(self, topics: Iterable[str]) -> None:
+        _, js = self._conn()
+        for topic in dict.fromkeys(topics):
+            name = stream_name(self.prefix, topic)
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise TransportError(f"cannot delete stream {name} ({topic!r}): {exc}") from exc
+
     def _stream_config(self, topic: str) -> StreamConfig:
         t = self.tuning
         return StreamConfig(

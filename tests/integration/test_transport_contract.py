@@ -220,3 +220,12 @@ async def test_groups_are_independent(transport: Transport) -> None:
 
 def _values(msgs: Sequence[Message]) -> list[bytes]:
     return [m.value for m in msgs]
+
+
+async def test_delete_topics_removes_messages(transport: Transport) -> None:
+    await transport.publish(out("results", 1))
+    await transport.delete_topics(["results", "never-made"])
+    await transport.ensure_topics(["results"])
+    observer = await transport.subscribe(["results"], group=None, start="earliest")
+    assert await quiet(observer, 1.0) == []
+    await observer.close()
