@@ -68,13 +68,16 @@ class Event(BaseModel):
     ) -> Event:
         """An output event caused by this one, with a deterministic id.
 
-        Tenant, session and trace context carry over; ``causationid`` points here.
+        Tenant, session and trace context carry over; ``causationid`` points
+        here. ``time`` is the input's: derived events keep the time of the
+        occurrence that started them (event time), so a replayed input yields
+        byte-identical outputs and time windows (rate limits) replay the same.
         """
         return Event(
             id=derived_id(self.id, step, index),
             source=source or f"sluicegate/{step}",
             type=type,
-            time=_now(),
+            time=self.time,
             subject=subject if subject is not None else self.subject,
             tenant=self.tenant,
             session=self.session,

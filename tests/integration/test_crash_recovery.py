@@ -87,7 +87,8 @@ async def test_sigkill_twice_loses_nothing_and_duplicates_nothing(
     urls = {"nats_url": nats_url, "kafka_bootstrap": kafka_bootstrap, "database_url": database_url}
     crashed = settings_for(kind, prefix=unique_prefix(), **urls)  # type: ignore[arg-type]
     calm = settings_for(kind, prefix=unique_prefix(), **urls)  # type: ignore[arg-type]
-    tasks = mixed_tasks(TASKS, sessions=50)
+    # 10 tasks a session: within the reference policy's per-session budget and rate limit.
+    tasks = mixed_tasks(TASKS, sessions=500)
     events = [t.event for t in tasks]
     for settings in (crashed, calm):
         await prepare_database(settings)
