@@ -181,12 +181,9 @@ def compile_bundle(
     try:
         return RvmEngine(bundle, entrypoint)
     except PolicyCompileError as rvm_error:
-        try:
-            engine = InterpreterEngine(bundle, entrypoint)
-        except PolicyCompileError:
-            # Neither compiles: the interpreter's message is about the
-            # language; report the RVM's, which is what the gate would run.
-            raise rvm_error from None
+        # If neither compiles, the interpreter's error is the one to show: it
+        # knows the whole language, where the RVM may only say "not supported".
+        engine = InterpreterEngine(bundle, entrypoint)
         log.info(
             "policy %s: the RVM cannot compile it (%s); using the interpreter",
             bundle.version,

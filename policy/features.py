@@ -45,6 +45,8 @@ INPUT_FIELDS: Final = (
     "calls_in_window",
 )
 CHECKSUMS: Final = frozenset({"luhn"})
+# Characters on which URL parsers disagree (see url_host).
+_UNSAFE_IN_URL: Final = re.compile(r"[\x00-\x20\x7f\\]")
 # Bounds on the scan. Beyond them the gate cannot vouch that every PII
 # candidate was found, so it raises InputTooComplex and the action is denied
 # (policy_error) rather than passed with text nobody looked at.
@@ -75,10 +77,12 @@ def url_host(value: Any) -> str | None:
     """The lower-cased host of an http(s) URL, or None if ``value`` is not one.
 
     ``urlsplit`` skips userinfo, so "https://api.example@evil.example/" is
-    evil.example. Whitespace or control characters anywhere refuse the URL:
-    parsers disagree on them, and the tool must reach the host judged here.
+    evil.example. Whitespace, control characters and backslashes anywhere
+    refuse the URL: parsers disagree on them (browsers read "\\" as "/", so
+    "https://evil.example\\@good.example/" goes to evil.example, while
+    ``urlsplit`` says good.example), and the tool must reach the host judged here.
     """
-    if not isinstance(value, str) or not value or any(c <= " " or c == "\x7f" for c in value):
+    if not isinstance(value, str) or not value or _UNSAFE_IN_URL.search(value):
         return None
     try:
         parts = urlsplit(value)
@@ -143,7 +147,8 @@ class InputBuilder:
         self._want_host = "url_host" in self.fields
         # The always-computed (cheap) fields the policy did not declare.
         self._drop = tuple(
-            f for f in ("tenant", "agent", "tool", "args_kib", "spend", "calls_in_window")
+            f
+            for f in ("tenant", "agent", "tool", "args_kib", "spend", "calls_in_window")
             if f not in self.fields
         )
 

@@ -37,9 +37,9 @@ from typing import Any, Final
 from pydantic import BaseModel
 
 from policy import ledger
-from policy.bundle import BundleError, Signature, default_bundle_path, load_bundle, signature
+from policy.bundle import Signature, default_bundle_path, load_bundle, signature
 from policy.decision import Decision, policy_error
-from policy.engine import Compiler, PolicyCompileError, compile_bundle
+from policy.engine import Compiler, compile_bundle
 from policy.evaluator import DEFAULT_BUDGET_S, DEFAULT_CACHE_SIZE, LoadedPolicy, Request, Verdict
 from policy.schemas import (
     ACTION_ALLOWED,
@@ -59,6 +59,7 @@ ENV_BUNDLE: Final = "SLUICE_POLICY_BUNDLE"
 ENV_SHADOW: Final = "SLUICE_POLICY_SHADOW"
 DEFAULT_RELOAD_INTERVAL_S: Final = 2.0
 DEFAULT_RATE_WINDOW_S: Final = 60.0
+ERROR_LOG_INTERVAL_S: Final = 10.0
 
 
 @dataclass(slots=True)
@@ -89,13 +90,19 @@ class _Watched:
 
 
 class PolicyGate:
-    """The policy gate step (name ``gate``)."""
+    """The policy gate step (name ``gate``).
+
+    ``bundle`` defaults to ``SLUICE_POLICY_BUNDLE``, else the packaged
+    reference policies; ``shadow`` to ``SLUICE_POLICY_SHADOW``, else none
+    (``environ`` replaces ``os.environ`` for both).
+    """
 
     def __init__(
         self,
         bundle: str | Path | None = None,
         *,
         shadow: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
         compiler: Compiler = compile_bundle,
         eval_budget_s: float = DEFAULT_BUDGET_S,
         cache_size: int = DEFAULT_CACHE_SIZE,
@@ -117,7 +124,12 @@ class PolicyGate:
         self._window_ms = int(rate_window_s * 1000)
         self._monotonic = monotonic
         self._last_poll = monotonic()
-        self._live = _Watched("live", Path(bundle) if bundle else default_bundle_path())
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._errors_unlogged = 0
+        env = os.environ if environ is None else environ
+        bundle = bundle or env.get(ENV_BUNDLE) or default_bundle_path()
+        shadow = shadow or env.get(ENV_SHADOW) or None
+        self._live = _Watched("live", Path(bundle))
         # The live bundle must load: a gate without a policy would deny everything.
         self._live.policy = self._load(self._live.path)
         self._live.seen = signature(self._live.path)
@@ -127,18 +139,13 @@ class PolicyGate:
             self._shadow.seen = signature(self._shadow.path)
             self._swap(self._shadow)
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> PolicyGate:
-        """A gate on ``SLUICE_POLICY_BUNDLE`` (default: the packaged policies) and
-        ``SLUICE_POLICY_SHADOW`` (default: none)."""
-        env = os.environ if environ is None else environ
-        return cls(env.get(ENV_BUNDLE) or None, shadow=env.get(ENV_SHADOW) or None, **kwargs)
-
     @property
     def policy(self) -> LoadedPolicy:
         """The live policy."""
-        assert self._live.policy is not None  # set in __init__, only ever replaced
-        return self._live.policy
+        policy = self._live.policy
+        if policy is None:  # set in __init__ and only ever replaced, so never
+            raise RuntimeError("policy gate has no live policy")
+        return policy
 
     @property
     def shadow_policy(self) -> LoadedPolicy | None:
@@ -157,34 +164,48 @@ class PolicyGate:
         policy = self.policy
         try:
             book = ledger.load(ctx.state)
+            calls = book.calls_in_window(now_ms, self._window_ms)
         except ledger.LedgerError as exc:
-            book = None
-            verdict = Verdict(policy_error(policy.version, f"bad gate state: {exc}"), {})
-        if book is not None:
-            request = Request(
-                tenant=event.tenant,
-                agent=action.agent,
-                tool=action.tool,
-                args=action.args,
-                spend=book.spend,
-                calls_in_window=book.calls_in_window(now_ms, self._window_ms),
-            )
-            verdict = policy.decide(request)
-            shadow = self.shadow_policy
-            if shadow is not None:
-                self._compare(ctx, verdict.decision, shadow.decide(request).decision)
-        decision = verdict.decision
-        if decision.allowed and book is not None:
-            book.charge(decision.cost, now_ms, self._window_ms)
+            # Fail closed: a session whose ledger cannot be read gets nothing
+            # through (resetting it would hand out a fresh budget).
+            failed = Verdict(policy_error(policy.version, f"bad gate state: {exc}"), {})
+            return self._emit(ctx, event, action.tool, failed, None)
+        request = Request(
+            tenant=event.tenant,
+            agent=action.agent,
+            tool=action.tool,
+            args=action.args,
+            spend=book.spend,
+            calls_in_window=calls,
+        )
+        verdict = policy.decide(request)
+        shadow = self.shadow_policy
+        if shadow is not None:
+            self._compare(ctx, verdict.decision, shadow.decide(request).decision)
+        if verdict.decision.allowed:
+            book.charge(verdict.decision.cost, now_ms, self._window_ms)
             ledger.store(ctx.state, book)
+        return self._emit(ctx, event, action.tool, verdict, book)
+
+    def _emit(
+        self,
+        ctx: Context,
+        event: Event,
+        tool: str,
+        verdict: Verdict,
+        book: ledger.Ledger | None,
+    ) -> list[Output]:
+        """Audit the decision and route the action to its topic."""
+        decision = verdict.decision
         self._count(decision)
         ctx.record(
             "decision",
             decision=decision.decision,
             reasons=decision.reasons,
             policy_version=decision.policy_version,
-            detail=_audit_detail(action.tool, verdict, book),
+            detail=_audit_detail(tool, verdict, book),
         )
+        # The proposal as it came (validated), with the decision's fields.
         data = {
             **event.data,
             "args": verdict.args,
@@ -219,7 +240,23 @@ class PolicyGate:
             stats.denied += 1
             if decision.error is not None:
                 stats.policy_errors += 1
-                log.warning("policy %s: %s", decision.policy_version, decision.error)
+                self._log_policy_error(decision)
+
+    def _log_policy_error(self, decision: Decision) -> None:
+        # A broken policy fails every action: log the first error, then at
+        # most one line per interval with the count, not one per event.
+        now = self._monotonic()
+        self._errors_unlogged += 1
+        if now - self._last_error_log < ERROR_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "policy %s: %d action(s) denied with policy_error; latest: %s",
+            decision.policy_version,
+            self._errors_unlogged,
+            decision.error,
+        )
+        self._errors_unlogged = 0
+        self._last_error_log = now
 
     # -- reloading ---------------------------------------------------------------------
 
@@ -258,9 +295,11 @@ class PolicyGate:
     def _swap(self, watched: _Watched) -> bool:
         """Load ``watched``'s bundle and make it current, unless unchanged or broken."""
         current = watched.policy.version if watched.policy else None
+        # Anything a bundle or a compiler can throw is a refusal: a reload
+        # runs inside process(), which must not crash on a bad deployment.
         try:
             bundle = load_bundle(watched.path)
-        except BundleError as exc:
+        except Exception as exc:
             return self._refuse(watched, None, exc)
         if bundle.version in (current, watched.refused):
             return False  # touched but not changed, or already refused
@@ -271,7 +310,7 @@ class PolicyGate:
                 budget_s=self._budget_s,
                 cache_size=self._cache_size,
             )
-        except (BundleError, PolicyCompileError) as exc:
+        except Exception as exc:
             return self._refuse(watched, bundle.version, exc)
         watched.policy = policy
         watched.refused = None

@@ -32,7 +32,10 @@ host_ok if {
 host_allowed(host) if host in settings.http_hosts
 
 # "*.example.org" allows every subdomain of example.org, not example.org itself.
+# is_string first: the interpreter raises on endswith(null), where the RVM
+# is merely undefined.
 host_allowed(host) if {
+	is_string(host)
 	some pattern in settings.http_hosts
 	startswith(pattern, "*.")
 	endswith(host, substring(pattern, 1, -1))
