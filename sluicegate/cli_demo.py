@@ -7,6 +7,7 @@ import logging
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sluicegate.cli import load_settings, transport_option
@@ -49,7 +50,8 @@ def render(console: Console, outcome: DemoOutcome) -> None:
         result = outcome.results.get(event.id)
         status = result.status if result else "[red]missing[/red]"
         answer = _outcome_line(result.answer) if result else ""
-        results.add_row(sample.tenant, sample.prompt, sample.expect, status, answer)
+        # Answers hold masks such as "[email]", which rich would read as markup.
+        results.add_row(sample.tenant, escape(sample.prompt), sample.expect, status, escape(answer))
     console.print(results)
 
     summary = Table(title="Summary", title_justify="left", show_header=False)

@@ -109,7 +109,9 @@ async def test_sigkill_twice_loses_nothing_and_duplicates_nothing(
         reached = await wait_for_results(crashed, TASKS, timeout_s=300)
     finally:
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 0, "SIGTERM must finish the batch in hand and exit 0"
+        code = worker.wait(60)
+        tail = log.read_text(errors="replace")[-3000:]
+        assert code == 0, f"SIGTERM must finish the batch in hand and exit 0; log: {tail}"
     assert reached == TASKS
 
     # The same input, uninterrupted, in-process.
