@@ -41,7 +41,14 @@ from streams.codec import DataRegistry, DecodeError, decode, encode, headers_for
 from streams.envelope import Event
 from streams.partitioning import partition_for
 from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext
-from streams.transport import Message, OutMessage, Subscription, TopicPartition, Transport
+from streams.transport import (
+    Message,
+    OutMessage,
+    Subscription,
+    TopicPartition,
+    Transport,
+    TransportError,
+)
 
 log = logging.getLogger("sluicegate.runner")
 
@@ -70,6 +77,8 @@ class RunnerConfig:
     # (of all runners in the process), before the broker ack: the narrowest
     # window of the commit protocol.
     crash_after_commits: int | None = None
+    # Consecutive broker/store failures run() rides out before giving up.
+    max_consecutive_failures: int = 12
 
 
 @dataclass(slots=True)
@@ -171,9 +180,27 @@ class StepRunner:
         """Process batches until ``stop`` is set; the batch in hand is finished first."""
         if self._sub is None:
             await self.start()
+        failures = 0
         try:
             while not stop.is_set():
-                await self.run_once()
+                try:
+                    await self.run_once()
+                    failures = 0
+                except (TransportError, OSError, StoreUnavailableError) as exc:
+                    # A broker hiccup or a rebalance error must not end the
+                    # worker; the batch in hand was rewound (handle_batch).
+                    failures += 1
+                    if failures >= self.config.max_consecutive_failures:
+                        raise
+                    delay = min(5.0, self.config.retry_backoff_s * 2**failures)
+                    log.warning(
+                        "%s: %s (attempt %d, retrying in %.2fs)",
+                        self.processor.name,
+                        exc,
+                        failures,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
         finally:
             await self.close()
 
@@ -247,26 +274,51 @@ class StepRunner:
         self._pending_ids = {}
         for msg in messages:
             await self._handle_message(msg, batch, produce)
-        if produce:
-            await self.transport.publish_batch(produce)
-        if not batch.is_empty():
-            try:
+        try:
+            if produce:
+                await self.transport.publish_batch(produce)
+            if not batch.is_empty():
                 await self._commit_with_retry(batch)
-            except StaleBatchError as exc:
-                # Another worker committed past us (we lost the partition while
-                # working): reload the truth and drop this batch. The outputs
-                # we produced carry the same ids as theirs and are absorbed
-                # downstream.
-                log.warning("%s: stale batch, reloading: %s", self.processor.name, exc)
-                self.stats.stale_batches += 1
-                await self._reload(batch.offsets.keys())
-                return
+        except StaleBatchError as exc:
+            # Another worker committed past us (we lost the partition while
+            # working): reload the truth and drop this batch. The outputs
+            # we produced carry the same ids as theirs and are absorbed
+            # downstream.
+            log.warning("%s: stale batch, reloading: %s", self.processor.name, exc)
+            self.stats.stale_batches += 1
+            await self._reload(batch.offsets.keys())
+            return
+        except Exception as exc:
+            # Nothing of this batch is checkpointed: rewind so it is fetched
+            # again, and let run() back off and retry.
+            await self._rewind(messages)
+            if isinstance(exc, TransportError | OSError):
+                raise
+            raise StoreUnavailableError(f"checkpoint commit failed: {exc}") from exc
+        if not batch.is_empty():
             self._apply(batch)
             self._maybe_crash()
         if self._sub is not None:
-            await self._sub.commit(messages)
+            try:
+                await self._sub.commit(messages)
+            except TransportError as exc:
+                # Postgres already holds the progress; a restart seeks from it.
+                log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
         self.stats.batches += 1
         self.stats.last_batch_s = time.perf_counter() - started
+
+    async def _rewind(self, messages: Sequence[Message]) -> None:
+        self._pending_ids = {}
+        if self._sub is None:
+            return
+        first: dict[TopicPartition, int] = {}
+        for msg in messages:
+            first[msg.tp] = min(first.get(msg.tp, msg.offset), msg.offset)
+        for tp, offset in first.items():
+            try:
+                await self._sub.seek(tp, offset)
+            except Exception as exc:  # e.g. the partition was revoked meanwhile
+                log.warning("%s: cannot rewind %s: %s", self.processor.name, tp, exc)
 
     def _maybe_crash(self) -> None:
         global _commits_in_process
@@ -499,6 +551,10 @@ class StepRunner:
 
 # Checkpoint commits of every runner in this process (for crash_after_commits).
 _commits_in_process = 0
+
+
+class StoreUnavailableError(RuntimeError):
+    """The checkpoint store failed a commit after its retries; the batch was rewound."""
 
 
 class _BadOutput(TypeError):

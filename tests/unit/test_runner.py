@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 import orjson
@@ -14,7 +15,7 @@ from streams.codec import encode, headers_for
 from streams.envelope import Event
 from streams.runner import H_DLQ_MESSAGE, H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP, StepRunner
 from streams.step import Context, Output, StateKey
-from streams.transport import Message, OutMessage
+from streams.transport import Message, OutMessage, TransportError
 from streams.transports.memory import MemoryTransport
 
 
@@ -191,3 +192,53 @@ async def test_stale_batch_is_dropped_and_reloaded(setup) -> None:  # type: igno
     await drain_runner(runner)
     assert runner.stats.stale_batches == 1
     assert store.audit == []
+
+
+async def test_failed_produce_rewinds_and_the_batch_is_retried(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    t, store, _step, runner = setup
+    await publish(t, *(ping(i) for i in range(6)))
+    real = t.publish_batch
+    calls = {"n": 0}
+
+    async def flaky(messages):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TransportError("broker went away")
+        await real(messages)
+
+    monkeypatch.setattr(t, "publish_batch", flaky)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    for _ in range(200):
+        if len([r for _, r in store.audit if r.kind == "processed"]) == 6:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert calls["n"] >= 2
+    out = await read(t, "out")
+    assert sorted(orjson.loads(m.value)["data"]["n"] for m in out) == list(range(6))
+    assert len([r for _, r in store.audit if r.kind == "processed"]) == 6
+
+
+async def test_failed_checkpoint_rewinds_without_touching_memory(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    t, store, _step, runner = setup
+    runner.config.commit_attempts = 1
+    await publish(t, ping(1))
+    real = store.commit
+
+    async def down(batch):  # type: ignore[no-untyped-def]
+        raise OSError("postgres is down")
+
+    monkeypatch.setattr(store, "commit", down)
+    with pytest.raises(OSError):
+        await runner.run_once()
+    assert runner._states == {}  # memory still equals the (empty) store
+    monkeypatch.setattr(store, "commit", real)
+    await drain_runner(runner)
+    out = await read(t, "out")
+    # Produced before the failed commit and again on the retry: the same
+    # event (same id, same count), which the next step absorbs.
+    assert len({m.headers["ce_id"] for m in out}) == 1
+    assert {orjson.loads(m.value)["data"]["count"] for m in out} == {1}
+    assert len(store.audit) == 1
