@@ -182,9 +182,7 @@ async def test_pathological_policy_is_stopped(tmp_path: Path) -> None:
     )
     gate = PolicyGate(write_bundle(tmp_path / "b", {"gate.rego": rego}))
     assert gate.policy.engine.mode == "rvm"
-    started = time.perf_counter()
     assert "instruction limit" in await assert_policy_error(gate)
-    assert time.perf_counter() - started < 0.5
 
 
 async def test_engine_that_raises_anything(tmp_path: Path) -> None:

@@ -218,7 +218,9 @@ def test_pii_scan_has_no_catastrophic_backtracking(text: str) -> None:
     started = time.perf_counter()
     with contextlib.suppress(InputTooComplex):  # "1 1 1 ..." holds 400 card-like numbers
         builder.find_pii({"text": text})
-    assert time.perf_counter() - started < 0.25
+    # A hang guard, not a speed check: catastrophic backtracking on 16 KB
+    # takes hours, a linear scan milliseconds even on a loaded machine.
+    assert time.perf_counter() - started < 20
 
 
 def test_undeclared_field_is_undefined_and_fails_closed(tmp_path: Path) -> None:
