@@ -1,7 +1,8 @@
 """Micro benchmark: KafkaTransport against raw aiokafka on the same broker, in one run.
 
 Prints msg/s for raw aiokafka produce (send + gather), our publish_batch, raw
-getmany consume and our fetch+commit, plus how long a group subscribe takes.
+getmany consume (+ commit, as ``sluice bench`` measures it: ``RawKafka``) and
+our fetch+commit, plus how long a group subscribe takes.
 Each repetition uses a fresh topic prefix; the median and best are printed,
 since these machines are noisy.
 
@@ -18,8 +19,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
+from sluicegate.bench.endpoints import RawKafka
 from streams.codec import CONTENT_TYPE
 from streams.partitioning import partition_for
 from streams.transport import OutMessage
@@ -76,20 +78,19 @@ async def ours_produce(
 
 
 async def raw_consume(bootstrap: str, topic: str, n: int, chunk: int) -> float:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
+    """getmany + a commit per batch: the raw baseline ``sluice bench`` uses too."""
+    raw = RawKafka(
+        bootstrap, topic=topic, partitions=PARTITIONS, group=f"{topic}.raw", owns_topic=False
+    )
+    await raw.open()
     try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         got = 0
         started = time.perf_counter()
         while got < n:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=chunk)
-            got += sum(len(records) for records in batches.values())
+            got += len(await raw.receive(chunk))
         return n / (time.perf_counter() - started)
     finally:
-        await consumer.stop()
+        await raw.close()
 
 
 async def ours_consume(transport: KafkaTransport, n: int, chunk: int) -> tuple[float, float]:

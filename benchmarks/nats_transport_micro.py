@@ -7,7 +7,9 @@ Prints msg/s for
   - raw ``psub.fetch(batch)`` + one AckAll per batch,
   - ``NatsSubscription.fetch`` + ``commit``.
 
-Each case gets its own stream (deleted afterwards); the server and this
+Each case gets its own stream (deleted afterwards); ``sluice bench --mode
+transport`` measures the same raw clients end to end (publish and consume
+together, with latency), from ``sluicegate.bench.endpoints``. The server and this
 process share the machine, so compare figures of one run with each other.
 The second column is this process's CPU time per message: on a busy machine
 it is steadier than the rate.
@@ -25,8 +27,9 @@ from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType
 
+from sluicegate.bench.endpoints import create_raw_stream
 from streams.transport import OutMessage
 from streams.transports.nats import NatsTransport
 
@@ -52,11 +55,8 @@ async def raw_core_publish(nc: Client, n: int, payload: bytes) -> Result:
 
 
 async def raw_stream(nc: Client, storage: StorageType) -> str:
-    name = f"benchraw{uuid.uuid4().hex[:10]}"
-    await nc.jetstream().add_stream(
-        StreamConfig(name=name, subjects=[f"{name}.>"], storage=storage, duplicate_window=120)
-    )
-    return name
+    # The same raw stream `sluice bench` measures its JetStream baseline on.
+    return await create_raw_stream(nc, f"benchraw{uuid.uuid4().hex[:10]}", storage)
 
 
 def event_headers(ce_headers: bool) -> dict[str, str] | None:

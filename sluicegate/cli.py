@@ -25,11 +25,15 @@ from sluicegate.settings import Settings
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
+    "audit": "sluicegate.cli_audit:audit",
+    "bench": "sluicegate.cli_bench:bench",
     "db": "sluicegate.cli_db:db",
     "demo": "sluicegate.cli_demo:demo",
     "local": "sluicegate.cli_local:local",
     "policy": "sluicegate.cli_policy:policy",
+    "publish": "sluicegate.cli_publish:publish",
     "run": "sluicegate.cli_run:run",
+    "tail": "sluicegate.cli_tail:tail",
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,0 +1,100 @@
+"""The benchmark plot: a PNG drawn from the report dict (matplotlib, Agg backend).
+
+Transport mode: latency percentile curves (ours solid, raw client dashed,
+one colour per transport) on a "nines" axis, and end-to-end throughput bars
+of ours beside the raw client. Step mode: bars of the bare loop, the step on
+our runtime and Faust, per transport.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot's import
+
+import matplotlib.pyplot as plt
+
+
+def _nines(percentile: float) -> float:
+    """50 → 0.3, 90 → 1, 99 → 2, 99.9 → 3: spreads the tail out evenly."""
+    return -math.log10(max(1e-6, 1.0 - percentile / 100.0))
+
+
+def _rows(transports: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rows: list[Mapping[str, Any]] = []
+    for obj in transports.values():
+        if "core" in obj:
+            rows.append(obj["core"])
+        rows.append(obj)
+    return rows
+
+
+def _transport_figure(report: Mapping[str, Any]) -> Any:
+    rows = _rows(report["transports"])
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
+    for i, row in enumerate(rows):
+        colour = f"C{i}"
+        for case, style, suffix in (
+            (row["measured"], "-", "sluicegate"),
+            (row["baseline"], "--", "raw"),
+        ):
+            if case is None or not case["latency_curve_ms"]:
+                continue
+            xs = [_nines(p) for p, _ in case["latency_curve_ms"]]
+            ys = [max(ms, 1e-3) for _, ms in case["latency_curve_ms"]]
+            curves.plot(xs, ys, style, color=colour, marker=".", label=f"{row['title']} ({suffix})")
+    curves.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
+    curves.set_yscale("log")
+    curves.set_ylabel("end-to-end latency (ms)")
+    curves.set_title("Latency percentiles")
+    curves.grid(True, which="both", alpha=0.3)
+    curves.legend(fontsize="small")
+
+    width = 0.38
+    xs = list(range(len(rows)))
+    ours = [row["throughput_msgs_per_s"] if row["measured"] else 0.0 for row in rows]
+    raw = [row["baseline_msgs_per_s"] for row in rows]
+    bars.bar([x - width / 2 for x in xs], ours, width, label="sluicegate transport")
+    bars.bar([x + width / 2 for x in xs], raw, width, label="raw client")
+    bars.set_xticks(xs, [row["title"] for row in rows])
+    bars.set_ylabel("messages/s (end to end)")
+    bars.set_title("Throughput beside the raw client")
+    bars.legend(fontsize="small")
+    return fig
+
+
+def _step_figure(report: Mapping[str, Any]) -> Any:
+    keys = list(report["transports"])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = (
+        ("bare loop", "baseline_msgs_per_s"),
+        ("step (StepRunner + Postgres)", "step_msgs_per_s"),
+        ("Faust", "faust_msgs_per_s"),
+    )
+    width = 0.27
+    for i, (label, field) in enumerate(series):
+        values = [report["transports"][k].get(field) or 0.0 for k in keys]
+        ax.bar([x + (i - 1) * width for x in range(len(keys))], values, width, label=label)
+    ax.set_xticks(list(range(len(keys))), keys)
+    ax.set_ylabel("messages/s")
+    ax.set_title("One stateful step beside a bare consume→produce loop")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_plot(report: Mapping[str, Any], path: Path) -> None:
+    """Draw the report's figure into ``path`` (PNG)."""
+    fig = _transport_figure(report) if report["mode"] == "transport" else _step_figure(report)
+    try:
+        subtitle = report.get("date", "")
+        fig.suptitle(f"sluice bench --mode {report['mode']}  {subtitle}", fontsize="medium")
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=110)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,255 @@
+"""The benchmark report: the JSON of DESIGN.md's CLI contract, and its terminal table.
+
+Everything downstream (the table, the plot, ``--json``) reads the one dict
+built here, so they always agree. Contract fields (DESIGN.md, "The CLI
+contract"): one object per transport under ``transports``, with
+``throughput_msgs_per_s``, ``baseline_msgs_per_s`` and ``latency_ms``
+(``p50``, ``p99``, ``p999``) in transport mode, and ``step_msgs_per_s``,
+``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` on Kafka) in step mode.
+Everything else is extra detail and may grow.
+
+``transports.nats`` is NATS JetStream (what the pipeline runs on); the raw
+core NATS figures, for which sluicegate has no transport, ride along as
+``transports.nats.core``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sluicegate.bench.step_mode import BUDGET_RATIO, FAUST_BUDGET_RATIO, StepResult
+from sluicegate.bench.transport_mode import CaseResult, TransportRow
+
+Report = dict[str, Any]
+REPORT_FORMAT = "sluicegate.bench/1"
+CORE_NOTE = (
+    "raw nats-py core publish/subscribe: no persistence and no acks, so sluicegate has no "
+    "transport on it; the row shows the client's ceiling and is its own baseline"
+)
+
+
+def _ratio(ours: float, base: float) -> float | None:
+    return round(ours / base, 3) if ours > 0 and base > 0 else None
+
+
+def _case(case: CaseResult) -> dict[str, Any]:
+    return {
+        "client": case.label,
+        "producer_msgs_per_s": round(case.producer_msgs_per_s, 1),
+        "consumer_msgs_per_s": round(case.consumer_msgs_per_s, 1),
+        "throughput_msgs_per_s": round(case.throughput_msgs_per_s, 1),
+        "latency_ms": case.latency.as_dict(),
+        "latency_curve_ms": [[p, ms] for p, ms in case.curve],
+        "received": case.received,
+        "duplicates": case.duplicates,
+        "seconds": round(case.seconds, 3),
+        "error": case.error,
+    }
+
+
+def transport_object(row: TransportRow) -> dict[str, Any]:
+    """One transport's object: the contract fields from our side, beside its baseline."""
+    head, base = row.headline, row.baseline
+    obj: dict[str, Any] = {
+        "title": row.title,
+        "size_bytes": row.size_bytes,
+        "messages": head.messages,
+        "warmup_messages": head.warmup,
+        "throughput_msgs_per_s": round(head.throughput_msgs_per_s, 1),
+        "baseline_msgs_per_s": round(base.throughput_msgs_per_s, 1),
+        "ratio": _ratio(head.throughput_msgs_per_s, base.throughput_msgs_per_s),
+        "producer_msgs_per_s": round(head.producer_msgs_per_s, 1),
+        "consumer_msgs_per_s": round(head.consumer_msgs_per_s, 1),
+        "latency_ms": head.latency.as_dict(),
+        "measured": _case(row.measured) if row.measured is not None else None,
+        "baseline": _case(base),
+        "error": row.measured.error if row.measured is not None else base.error,
+    }
+    if row.measured is None:
+        obj["note"] = CORE_NOTE
+    return obj
+
+
+def transports_object(rows: Sequence[TransportRow]) -> dict[str, Any]:
+    """``transports`` for one message size: ``nats`` (with ``core`` inside) and ``kafka``."""
+    by_key = {row.key: transport_object(row) for row in rows}
+    core = by_key.pop("nats_core", None)
+    if core is not None:
+        if "nats" in by_key:
+            by_key["nats"]["core"] = core
+        else:  # cannot happen with the plans we build, but never drop figures
+            by_key["nats_core"] = core
+    return by_key
+
+
+def build_transport_report(rows: Sequence[TransportRow], meta: Mapping[str, Any]) -> Report:
+    """The transport-mode report; with several sizes, ``transports`` holds the first."""
+    sizes = list(dict.fromkeys(row.size_bytes for row in rows))
+    per_size = [transports_object([r for r in rows if r.size_bytes == s]) for s in sizes]
+    report: Report = {"format": REPORT_FORMAT, "mode": "transport", **meta}
+    report["transports"] = per_size[0] if per_size else {}
+    if len(sizes) > 1:
+        report["sweep"] = [
+            {"size_bytes": s, "transports": t} for s, t in zip(sizes, per_size, strict=True)
+        ]
+    return report
+
+
+def step_object(result: StepResult) -> dict[str, Any]:
+    ratio = result.ratio
+    obj: dict[str, Any] = {
+        "step_msgs_per_s": round(result.step_msgs_per_s, 1),
+        "baseline_msgs_per_s": round(result.baseline_msgs_per_s, 1),
+        "ratio": round(ratio, 3) if ratio is not None else None,
+        "budget_ratio": BUDGET_RATIO,
+        "within_budget": ratio is not None and ratio >= BUDGET_RATIO,
+        "messages": result.messages,
+        "warmup_messages": result.warmup,
+        "batch_size": result.batch_size,
+        "runner": result.runner_stats,
+        "error": result.error,
+    }
+    faust = result.faust
+    if faust is not None:
+        versus = _ratio(result.step_msgs_per_s, faust.msgs_per_s)
+        obj["faust_msgs_per_s"] = round(faust.msgs_per_s, 1) if faust.error is None else None
+        obj["native_vs_faust"] = versus if faust.error is None else None
+        obj["faust_budget_ratio"] = FAUST_BUDGET_RATIO
+        obj["faust"] = {
+            "received": faust.received,
+            "startup_s": round(faust.startup_s, 2),
+            "settings": faust.settings,
+            "error": faust.error,
+        }
+    return obj
+
+
+def build_step_report(results: Sequence[StepResult], meta: Mapping[str, Any]) -> Report:
+    report: Report = {"format": REPORT_FORMAT, "mode": "step", **meta}
+    report["transports"] = {r.key: step_object(r) for r in results}
+    return report
+
+
+# -- the table ----------------------------------------------------------------------
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _grid(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [
+            row[0].ljust(widths[0]),
+            *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+
+
+_TRANSPORT_HEADER = (
+    "transport / client",
+    "size",
+    "prod/s",
+    "cons/s",
+    "e2e/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "vs raw",
+)
+
+
+def _case_line(title: str, size: int, case: Mapping[str, Any], ratio: str) -> list[str]:
+    lat = case["latency_ms"]
+    return [
+        title,
+        str(size),
+        _n(case["producer_msgs_per_s"]),
+        _n(case["consumer_msgs_per_s"]),
+        _n(case["throughput_msgs_per_s"]),
+        *(_n(lat[p], 2) for p in ("p50", "p90", "p99", "p999", "max")),
+        ratio,
+    ]
+
+
+def _transport_lines(transports: Mapping[str, Any]) -> list[list[str]]:
+    lines: list[list[str]] = []
+    objects: list[Mapping[str, Any]] = []
+    for obj in transports.values():
+        if "core" in obj:
+            objects.append(obj["core"])
+        objects.append(obj)
+    for obj in objects:
+        size = obj["size_bytes"]
+        base = obj["baseline"]
+        lines.append(_case_line(f"{obj['title']}: {base['client']}", size, base, ""))
+        if obj["measured"] is not None:
+            ratio = f"{obj['ratio']:.2f}x" if obj["ratio"] is not None else "-"
+            lines.append(
+                _case_line(
+                    f"{obj['title']}: {obj['measured']['client']}", size, obj["measured"], ratio
+                )
+            )
+        if obj.get("error"):
+            lines.append([f"  ! {obj['error']}", *[""] * (len(_TRANSPORT_HEADER) - 1)])
+    return lines
+
+
+def render_table(report: Mapping[str, Any]) -> str:
+    """The report as a plain-text table (one per mode)."""
+    if report["mode"] == "transport":
+        runs = report.get("sweep") or [{"transports": report["transports"]}]
+        lines = [line for run in runs for line in _transport_lines(run["transports"])]
+        settings = report.get("settings", {})
+        load = settings.get("load_model", "max_throughput")
+        rate = settings.get("rate")
+        title = f"transport benchmark: {settings.get('messages', '?')} messages, " + (
+            f"fixed rate {rate:g}/s" if load == "fixed_rate" and rate else "max throughput"
+        )
+        return f"{title}\n{_grid(_TRANSPORT_HEADER, lines)}"
+    header = (
+        "transport",
+        "bare loop/s",
+        "step/s",
+        "step/bare",
+        "budget",
+        "faust/s",
+        "step/faust",
+        "budget",
+    )
+    lines = []
+    for key, obj in report["transports"].items():
+        ratio = obj["ratio"]
+        verdict = "ok" if obj["within_budget"] else "MISSED"
+        faust = obj.get("faust_msgs_per_s")
+        versus = obj.get("native_vs_faust")
+        faust_verdict = ""
+        if versus is not None:
+            faust_verdict = "ok" if versus >= obj["faust_budget_ratio"] else "MISSED"
+        lines.append(
+            [
+                key,
+                _n(obj["baseline_msgs_per_s"]),
+                _n(obj["step_msgs_per_s"]),
+                f"{ratio:.2f}" if ratio is not None else "-",
+                f">={obj['budget_ratio']:g} {verdict}",
+                _n(faust) if "faust" in obj else "",
+                f"{versus:.2f}" if versus is not None else ("-" if "faust" in obj else ""),
+                f">={obj['faust_budget_ratio']:g} {faust_verdict}" if faust_verdict else "",
+            ]
+        )
+        for problem in (obj.get("error"), (obj.get("faust") or {}).get("error")):
+            if problem:
+                lines.append([f"  ! {problem}", *[""] * (len(header) - 1)])
+    messages = report.get("settings", {}).get("messages", "?")
+    return f"step benchmark: {messages} messages\n{_grid(header, lines)}"

@@ -1,0 +1,289 @@
+"""``sluice bench``: measure the transports and a stateful step, as ratios within one run.
+
+Thin: options, settings and output live here; the measuring is in
+``sluicegate.bench``. Modes are looked up in ``MODES``; ``pipeline`` is
+reserved in the CLI contract and not written yet, so it exits 2 saying so
+(add its runner to ``MODES`` to enable it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import click
+
+from sluicegate.cli import load_settings
+from sluicegate.settings import Settings, TransportName
+
+TRANSPORTS: tuple[TransportName, ...] = ("nats", "kafka")
+MODE_NAMES = ("transport", "step", "pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """The flags of one invocation, as every mode runner receives them."""
+
+    kinds: tuple[TransportName, ...]
+    messages: int
+    sizes: tuple[int, ...]
+    rate: float | None
+    batch: int
+    timeout_s: float
+    faust: bool
+    faust_timeout_s: float
+
+
+Progress = Callable[[int], object]
+ModeRunner = Callable[[Settings, BenchOptions, Progress], Coroutine[Any, Any, dict[str, Any]]]
+
+
+async def _transport_mode(
+    settings: Settings, options: BenchOptions, progress: Progress
+) -> dict[str, Any]:
+    from sluicegate.bench.report import build_transport_report
+    from sluicegate.bench.transport_mode import LoadModel, run_transport_mode
+
+    load = LoadModel(rate=options.rate, batch=options.batch)
+    rows = await run_transport_mode(
+        settings,
+        options.kinds,
+        messages=options.messages,
+        sizes=options.sizes,
+        load=load,
+        timeout_s=options.timeout_s,
+        progress=progress,
+    )
+    meta = await _meta(settings, options, {"load_model": load.name, "rate": load.rate})
+    return build_transport_report(rows, meta)
+
+
+async def _step_mode(
+    settings: Settings, options: BenchOptions, progress: Progress
+) -> dict[str, Any]:
+    from sluicegate.bench.report import build_step_report
+    from sluicegate.bench.step_mode import run_step_mode
+
+    results = await run_step_mode(
+        settings,
+        options.kinds,
+        messages=options.messages,
+        timeout_s=options.timeout_s,
+        faust=options.faust,
+        faust_timeout_s=options.faust_timeout_s,
+        progress=progress,
+    )
+    from streams.runner import RunnerConfig
+
+    config = RunnerConfig()
+    extra = {"runner_batch_size": config.batch_size, "fetch_timeout_s": config.fetch_timeout_s}
+    return build_step_report(results, await _meta(settings, options, extra))
+
+
+# Mode name -> runner. "pipeline" is in the CLI contract but not written yet.
+MODES: dict[str, ModeRunner] = {"transport": _transport_mode, "step": _step_mode}
+
+
+async def _meta(settings: Settings, options: BenchOptions, extra: dict[str, Any]) -> dict[str, Any]:
+    """Settings, versions, machine and date: what makes the figures comparable."""
+    from sluicegate.bench import environment
+    from sluicegate.bench.latency import warmup_count
+
+    brokers: dict[str, Any] = {}
+    if "nats" in options.kinds:
+        url = settings.resolved_nats_url()
+        version = await environment.nats_server_version(url)
+        brokers["nats"] = {"software": "nats-server", "version": version, "url": url}
+    if "kafka" in options.kinds:
+        brokers["kafka"] = environment.kafka_broker(settings.resolved_kafka_bootstrap())
+    return {
+        "date": environment.today(),
+        "settings": {
+            "transports": list(options.kinds),
+            "messages": options.messages,
+            "size_bytes": options.sizes[0],
+            "sizes": list(options.sizes),
+            "batch": options.batch,
+            "partitions": settings.partitions,
+            "warmup_messages": warmup_count(options.messages),
+            "warmup_rule": "max(5% of messages, 1000), at most half",
+            **extra,
+        },
+        "versions": {"clients": environment.client_versions(), "brokers": brokers},
+        "machine": environment.machine(),
+    }
+
+
+def _parse_kinds(text: str) -> tuple[TransportName, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRANSPORTS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"expected a comma-separated list of {', '.join(TRANSPORTS)}, got {text!r}",
+            param_hint="--transport",
+        )
+    return tuple(cast(TransportName, name) for name in dict.fromkeys(names))
+
+
+def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
+    if text is None:
+        return (size,)
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected sizes such as 64,256,1024, got {text!r}") from None
+    if not sizes or any(s < 16 for s in sizes):
+        raise click.BadParameter(
+            "sizes must be at least 16 bytes (the stamp)", param_hint="--sizes"
+        )
+    return sizes
+
+
+@click.command("bench")
+@click.option(
+    "--transport",
+    "transports",
+    default="nats,kafka",
+    show_default=True,
+    help="Comma-separated transports to measure (nats means NATS core and JetStream).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODE_NAMES),
+    default="transport",
+    show_default=True,
+    help="transport: publish/consume vs the raw clients; step: one stateful step vs a bare loop.",
+)
+@click.option("--messages", type=click.IntRange(min=10), default=20_000, show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(min=16),
+    default=256,
+    show_default=True,
+    help="Message size in bytes (transport mode).",
+)
+@click.option("--sizes", default=None, help="Sweep sizes, e.g. 64,256,1024,4096 (transport mode).")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Fixed rate in msgs/s, open loop (default: max throughput).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Messages per publish and per fetch (transport mode).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Seconds one case may take.",
+)
+@click.option("--no-faust", is_flag=True, help="Step mode: skip the Faust run on Kafka.")
+@click.option("--faust-timeout", "faust_timeout_s", type=click.FloatRange(min=1), default=120.0)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench(
+    transports: str,
+    mode: str,
+    messages: int,
+    size: int,
+    sizes: str | None,
+    rate: float | None,
+    batch: int,
+    timeout_s: float,
+    no_faust: bool,
+    faust_timeout_s: float,
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> int:
+    """Benchmark NATS and Kafka: transports against their raw clients, or one stateful step.
+
+    Every figure is measured beside its baseline in the same run, since these
+    machines are shared: read ratios, not absolute rates. Uses SLUICE_NATS_URL,
+    SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL (step mode) and SLUICE_PARTITIONS;
+    everything it creates lives under a unique prefix and is deleted afterwards.
+    """
+    kinds = _parse_kinds(transports)
+    runner = MODES.get(mode)
+    if runner is None:
+        raise click.UsageError(
+            f"--mode {mode} is not implemented yet (it will run the whole pipeline and report "
+            "tasks_per_s and latency_ms); use --mode transport or --mode step"
+        )
+    settings = load_settings()
+    options = BenchOptions(
+        kinds=kinds,
+        messages=messages,
+        sizes=_parse_sizes(sizes, size),
+        rate=rate,
+        batch=batch,
+        timeout_s=timeout_s,
+        faust=not no_faust,
+        faust_timeout_s=faust_timeout_s,
+    )
+    report = _run(runner, settings, options, _total(mode, options))
+
+    from sluicegate.bench.report import render_table
+
+    click.echo(render_table(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        from sluicegate.bench.plot import write_plot
+
+        write_plot(report, plot_path)
+        click.echo(f"wrote {plot_path}")
+    return 1 if _failed(report) else 0
+
+
+def _total(mode: str, options: BenchOptions) -> int:
+    """Messages the progress bar counts: each case consumes all of them."""
+    if mode == "transport":
+        from sluicegate.bench.transport_mode import cases_per_size
+
+        return options.messages * len(options.sizes) * cases_per_size(options.kinds)
+    faust_runs = 1 if options.faust and "kafka" in options.kinds else 0
+    return options.messages * (2 * len(options.kinds) + faust_runs)
+
+
+def _run(
+    runner: ModeRunner, settings: Settings, options: BenchOptions, total: int
+) -> dict[str, Any]:
+    import psycopg
+    from tqdm import tqdm
+
+    from streams.transport import TransportError
+
+    # Only on a terminal: piped or captured output gets the table alone.
+    with tqdm(
+        total=total, file=sys.stderr, unit="msg", disable=not sys.stderr.isatty(), leave=False
+    ) as bar:
+        try:
+            return asyncio.run(runner(settings, options, bar.update))
+        except (TransportError, psycopg.OperationalError, OSError) as exc:
+            raise click.ClickException(f"benchmark failed: {exc}") from None
+
+
+def _failed(report: dict[str, Any]) -> bool:
+    """Whether any case failed (timed out, lost messages), as opposed to a slow result."""
+    objects: list[dict[str, Any]] = []
+    for obj in report.get("transports", {}).values():
+        objects.append(obj)
+        if "core" in obj:
+            objects.append(obj["core"])
+    return any(obj.get("error") for obj in objects)
+
+
+__all__: Sequence[str] = ("MODES", "bench")
