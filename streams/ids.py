@@ -55,11 +55,23 @@ def timestamp_ms(event_id: str) -> int | None:
 def derived_id(input_id: str, step: str, index: int) -> str:
     """Deterministic id for output ``index`` of ``step`` processing ``input_id``."""
     digest = hashlib.sha256(f"{input_id}\x1f{step}\x1f{index}".encode()).digest()
-    ms = timestamp_ms(input_id)
+    ms = _uuid7_ms(input_id)
     if ms is None:
         ms = int.from_bytes(digest[:6], "big")
     tail = int.from_bytes(digest[6:16], "big")
     rand_a = tail >> 68 & 0xFFF
     rand_b = tail & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
-    return str(uuid.UUID(int=value))
+    # Formatted by hand: one per output event, and uuid.UUID costs ~3 µs more.
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _uuid7_ms(event_id: str) -> int | None:
+    """The timestamp of a canonical lowercase UUIDv7 string, without parsing a UUID."""
+    if len(event_id) == 36 and event_id[14] == "7" and event_id[8] == "-":
+        try:
+            return int(event_id[:8] + event_id[9:13], 16)
+        except ValueError:
+            return None
+    return timestamp_ms(event_id)

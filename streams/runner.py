@@ -37,7 +37,7 @@ import orjson
 from pydantic import BaseModel
 
 from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
-from streams.codec import DataRegistry, DecodeError, decode, encode, headers_for
+from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
 from streams.envelope import Event
 from streams.partitioning import partition_for
 from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext
@@ -399,7 +399,7 @@ class StepRunner:
             self._dead_letter(msg, batch, produce, exc.reason, exc, event=event)
             return
         try:
-            outputs, ctx, changed = await self._process(event, data, msg.partition, batch)
+            outputs, wire, ctx, changed = await self._process(event, data, msg.partition, batch)
         except _Poison as poison:
             self._dead_letter(msg, batch, produce, poison.reason, poison.error, event=event)
             return
@@ -407,15 +407,19 @@ class StepRunner:
             batch.states[(msg.partition, StateKey(event.tenant, event.session))] = changed
         self._collect(ctx, msg.partition, batch)
         batch.audit.append((msg.partition, _processed_row(ctx, event, len(outputs))))
-        for out in outputs:
-            produce.append(_to_wire(out))
+        produce.extend(wire)
         self.stats.processed += 1
         self.stats.outputs += len(outputs)
 
     async def _process(
         self, event: Event, data: BaseModel | None, partition: int, batch: CommitBatch
-    ) -> tuple[list[Output], Context, bytes | None]:
-        """Run the step, retrying failures; return outputs, context and the new state if changed."""
+    ) -> tuple[list[Output], list[OutMessage], Context, bytes | None]:
+        """Run the step, retrying failures.
+
+        Returns the outputs, their wire form, the context and the new state if
+        it changed. Encoding happens here so that an output that cannot be
+        encoded (too large, not JSON) dead-letters its input like any step error.
+        """
         key = StateKey(event.tenant, event.session)
         before = batch.states.get((partition, key)) or self._states.get(key)
         attempt = 0
@@ -429,6 +433,7 @@ class StepRunner:
             try:
                 outputs = await self.processor.process(event, ctx)
                 self._check_outputs(outputs)
+                wire = self._encode_outputs(outputs)
                 after = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
             except Exception as exc:  # a step's bug must not kill the worker
                 if isinstance(exc, _BadOutput) or attempt >= self.config.max_attempts:
@@ -437,8 +442,15 @@ class StepRunner:
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
                 continue
             if after == (before or b"{}"):
-                return outputs, ctx, None
-            return outputs, ctx, after
+                return outputs, wire, ctx, None
+            return outputs, wire, ctx, after
+
+    def _encode_outputs(self, outputs: list[Output]) -> list[OutMessage]:
+        try:
+            return [_to_wire(out) for out in outputs]
+        except (EncodeError, TypeError, ValueError) as exc:
+            # Deterministic: the same input would fail the same way again.
+            raise _BadOutput(f"an output cannot be encoded: {exc}") from exc
 
     def _check_outputs(self, outputs: object) -> None:
         if not isinstance(outputs, list):

@@ -242,3 +242,21 @@ async def test_failed_checkpoint_rewinds_without_touching_memory(setup, monkeypa
     assert len({m.headers["ce_id"] for m in out}) == 1
     assert {orjson.loads(m.value)["data"]["count"] for m in out} == {1}
     assert len(store.audit) == 1
+
+
+class Bloated(Counter):
+    async def process(self, event: Event, ctx: Context) -> list[Output]:
+        return [ctx.output("out", "pong", {"blob": "x" * (1024 * 1024)})]
+
+
+async def test_output_that_cannot_be_encoded_dead_letters_its_input() -> None:
+    t = MemoryTransport(partitions=2)
+    await t.ensure_topics(["in"])
+    runner = StepRunner(Bloated(), t, MemoryCheckpointStore())
+    await runner.start()
+    await publish(t, ping(1), ping(2))
+    await drain_runner(runner)
+    dead = await read(t, "dlq")
+    assert [m.headers[H_DLQ_REASON] for m in dead] == ["step_error", "step_error"]
+    assert "cannot be encoded" in dead[0].headers[H_DLQ_MESSAGE]
+    assert await read(t, "out") == []
