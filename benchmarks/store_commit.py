@@ -127,6 +127,29 @@ def copy_rows(batches: Sequence[CommitBatch]) -> list[list[tuple[Any, ...]]]:
     return out
 
 
+def raw_copier(
+    conn: psycopg.AsyncConnection[Any], table: str
+) -> Callable[[list[tuple[Any, ...]]], Awaitable[None]]:
+    """``BEGIN; COPY rows INTO table; COMMIT`` on ``conn``: the baseline for the audit writer.
+
+    The same format as the writer (binary, same types), so a ratio against it
+    measures the writer's own work: fencing, chaining, hashing, the extra
+    statements. ``table`` should have audit_log's columns and indexes.
+    """
+    conn.adapters.register_dumper(None, JsonTextBinaryDumper)
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
+    )
+
+    async def raw_copy(rows: list[tuple[Any, ...]]) -> None:
+        async with conn.transaction(), conn.cursor().copy(copy_sql) as copy:
+            copy.set_types(AUDIT_COPY_TYPES)
+            for row in rows:
+                await copy.write_row(row)
+
+    return raw_copy
+
+
 async def run(args: argparse.Namespace) -> None:
     base = f"bench_{uuid.uuid4().hex[:10]}"
     # Full commits in a schema of their own, so audit_log in the other one and
@@ -139,24 +162,12 @@ async def run(args: argparse.Namespace) -> None:
     raw = await connect(args.database_url, schema=schemas[1])
     try:
         await raw.execute("CREATE TABLE raw_audit (LIKE audit_log INCLUDING ALL)")
-        raw.adapters.register_dumper(None, JsonTextBinaryDumper)
         shape = {"events": args.events, "partitions": args.partitions}
         total = args.warmup + args.batches
         full = make_batches(total, step="w", states=args.states, results=args.results, **shape)
         audit_only = make_batches(total, step="w", states=0, results=0, **shape)
         raw_rows = copy_rows(audit_only)
-        # The same format as the writer (binary), so the ratio measures the
-        # writer's own work: fencing, chaining, hashing, the extra statements.
-        copy_sql = sql.SQL("COPY raw_audit ({}) FROM STDIN (FORMAT BINARY)").format(
-            sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
-        )
-
-        async def raw_copy(rows: list[tuple[Any, ...]]) -> None:
-            async with raw.transaction(), raw.cursor().copy(copy_sql) as copy:
-                copy.set_types(AUDIT_COPY_TYPES)
-                for row in rows:
-                    await copy.write_row(row)
-
+        raw_copy = raw_copier(raw, "raw_audit")
         print(
             f"batches of {args.events} audit rows, {args.states} states, {args.results} results;"
             f" {args.batches} timed after {args.warmup} warm-up, {args.partitions} partitions"

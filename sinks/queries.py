@@ -2,11 +2,48 @@
 
 Each takes an open connection whose ``search_path`` is the sluicegate schema
 (``sinks.db.connect``) and returns typed rows. Nothing here writes.
+
+Growth, and why ``audit_log`` is not partitioned (yet)
+------------------------------------------------------
+Measured with ``benchmarks/audit_writer.py`` (PG 15, 2 vCPU shared with other
+work, default 128 MB shared_buffers), rows written through the store:
+
+=========  ================  ==================  =========================
+rows       verify_chains     session timeline    size with its 5 indexes
+=========  ================  ==================  =========================
+200 k      3.7 s (54 k/s)    0.6 ms (20 rows)    554 B/row
+1 M        27 s (37 k/s)     1.2 ms              479 B/row (0.48 GB)
+10 M       248 s (40 k/s)    1.1 ms              473 B/row (4.7 GB)
+=========  ================  ==================  =========================
+
+Neither query would get faster with time partitions. ``verify_chains`` reads
+every row whatever the layout and is bound by recomputing hashes in Python
+(linear: ~4 min per 10 M rows here, ~40 min per 100 M). The session query is
+a ``(session, time)`` index lookup and stayed at ~1 ms from 200 k to 10 M
+rows; partitions would turn it into one probe per partition unless
+``--since`` prunes them. Partitioning would cost: the primary key must then
+include ``time``, so Postgres would no longer enforce one row per
+``(chain_step, chain_partition, seq)``; paging a chain by ``seq`` probes every
+partition; partitions must be created ahead (no pg_partman here) and each
+needs the append-only trigger and the writer role's grants (TRUNCATE of a
+single partition does not fire the parent's statement trigger).
+
+Where it starts to matter: a retention policy (old months archived and
+dropped, which only works per partition, since DELETE is refused), or a
+table of roughly 100 M+ rows (~50 GB) where index maintenance, anti-wraparound
+VACUUM and a full verify (~40 min) hurt. The plan then, in a new migration:
+(1) verification checkpoints, a table of ``(chain, seq, hash, verified_at)``
+kept by ``sluice audit verify``, so a run starts from the last checkpoint and
+archived rows before it need not be read (this, not partitioning, is what
+keeps verify bounded); (2) ``audit_log`` becomes the first partition of a
+table partitioned by ``RANGE (time)``, monthly (attach after adding a
+matching CHECK on ``time`` so ATTACH need not scan), with the trigger and
+grants applied per partition by the function that creates next month's.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,15 +100,19 @@ class StoredResult:
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The outcome of ``verify_chains``: ``first_break`` is ``None`` when every chain holds."""
+    """The outcome of ``verify_chains``: the first break of each broken chain, in chain order."""
 
     chains: int
     rows: int
-    first_break: ChainBreak | None
+    breaks: tuple[ChainBreak, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.first_break is None
+        return not self.breaks
+
+    @property
+    def first_break(self) -> ChainBreak | None:
+        return self.breaks[0] if self.breaks else None
 
 
 _AUDIT_COLUMNS = sql.SQL(", ").join(sql.Identifier(name) for name in AuditRow.__dataclass_fields__)
@@ -137,19 +178,38 @@ async def fetch_result(conn: Conn, task_id: str) -> StoredResult | None:
 # -- audit ---------------------------------------------------------------------------
 
 
-async def session_audit(conn: Conn, session: str, *, tenant: str | None = None) -> list[AuditRow]:
-    """A session's audit rows in the order they were committed.
+async def session_audit(
+    conn: Conn,
+    session: str,
+    *,
+    tenant: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+) -> list[AuditRow]:
+    """A session's audit rows in the order they were committed, optionally filtered.
 
     Within one chain that is ``seq`` order; across steps (different chains)
     it is commit time, which is only as exact as the workers' clocks.
+    ``since`` keeps rows committed at or after it. Served by the
+    ``(session, time)`` index.
     """
-    where, params = _where([("session", session), ("tenant", tenant)])
+    if kind is not None:
+        _check_kind(kind)
+    where, params = _where([("session", session), ("tenant", tenant), ("kind", kind)])
+    if since is not None:
+        where += sql.SQL(" AND time >= %s")
+        params.append(since)
     query = (
         sql.SQL("SELECT {} FROM audit_log").format(_AUDIT_COLUMNS)
         + where
         + sql.SQL(" ORDER BY time, chain_step, chain_partition, seq")
     )
     return await _audit_rows(conn, query, params)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in AUDIT_KINDS:
+        raise ValueError(f"unknown audit kind {kind!r}; one of {', '.join(AUDIT_KINDS)}")
 
 
 async def audit_by_kind(
@@ -161,8 +221,7 @@ async def audit_by_kind(
     limit: int | None = None,
 ) -> list[AuditRow]:
     """Audit rows of one ``kind`` (see ``AUDIT_KINDS``), oldest first."""
-    if kind not in AUDIT_KINDS:
-        raise ValueError(f"unknown audit kind {kind!r}; one of {', '.join(AUDIT_KINDS)}")
+    _check_kind(kind)
     where, params = _where([("kind", kind), ("tenant", tenant), ("session", session)])
     query = (
         sql.SQL("SELECT {} FROM audit_log").format(_AUDIT_COLUMNS)
@@ -212,7 +271,8 @@ async def chain_rows(
     """One chain's rows in ``seq`` order, as dicts, fetched a page at a time.
 
     Pages by ``seq`` (the primary key) rather than a server-side cursor, so it
-    needs no open transaction and works on an autocommit connection.
+    needs no open transaction and works on an autocommit connection; memory
+    stays at one page whatever the chain's length.
     """
     after = 0
     cur = conn.cursor(row_factory=dict_row)
@@ -230,24 +290,90 @@ async def chain_rows(
         after = rows[-1]["seq"]
 
 
-async def verify_chains(conn: Conn) -> VerifyReport:
-    """Recompute every chain (those with a head and those with rows) and report the first break."""
-    heads = {(h.step, h.partition): h for h in await chain_heads(conn)}
-    # A full scan, but verifying reads every row anyway; chains with rows and
-    # no head are found this way too.
-    cur = await conn.execute("SELECT DISTINCT chain_step, chain_partition FROM audit_log")
-    chains = sorted(set(heads) | {(step, partition) for step, partition in await cur.fetchall()})
-    rows = 0
-    for step, partition in chains:
-        verifier = ChainVerifier(step, partition)
-        found: ChainBreak | None = None
-        async with aclosing(chain_rows(conn, step, partition)) as stream:
-            async for row in stream:
-                rows += 1
-                found = verifier.feed(row)
-                if found is not None:
-                    break
-        found = found or verifier.finish(heads.get((step, partition)))
-        if found is not None:
-            return VerifyReport(len(chains), rows, found)
-    return VerifyReport(len(chains), rows, None)
+# Every (chain_step, chain_partition) with rows, by skipping along the
+# primary key: one index probe per chain instead of a scan of every row.
+_CHAINS_WITH_ROWS = """
+WITH RECURSIVE chains AS (
+    (SELECT chain_step, chain_partition FROM audit_log
+     ORDER BY chain_step, chain_partition LIMIT 1)
+    UNION ALL
+    SELECT next.chain_step, next.chain_partition
+    FROM chains c, LATERAL (
+        SELECT chain_step, chain_partition FROM audit_log a
+        WHERE (a.chain_step, a.chain_partition) > (c.chain_step, c.chain_partition)
+        ORDER BY a.chain_step, a.chain_partition LIMIT 1
+    ) next
+)
+SELECT chain_step, chain_partition FROM chains
+"""
+
+
+async def estimate_audit_rows(conn: Conn) -> int:
+    """How many rows ``verify_chains`` will read, cheaply: the sum of the chain heads.
+
+    Exact while the trail is intact; falls back on the planner's estimate
+    when no chain has a head.
+    """
+    cur = await conn.execute(
+        "SELECT coalesce((SELECT sum(seq) FROM audit_chains), 0)::bigint,"
+        " (SELECT greatest(reltuples, 0)::bigint FROM pg_class"
+        "  WHERE oid = to_regclass('audit_log'))"
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return 0
+    heads, planner = row
+    return int(heads) if heads else int(planner or 0)
+
+
+async def verify_chains(
+    conn: Conn, *, progress: Callable[[int], object] | None = None, page: int = 5000
+) -> VerifyReport:
+    """Recompute every chain and report the first break of each broken one.
+
+    Covers chains with a head in ``audit_chains`` and chains with rows but
+    no head. Streams each chain in pages of ``page`` rows, so memory stays
+    flat however long the trail; ``progress`` is called with the number of
+    rows read after each page. Runs in one REPEATABLE READ, READ ONLY
+    transaction, so heads and rows come from the same snapshot and commits
+    landing meanwhile cannot look like breaks; ``conn`` must not be inside a
+    transaction already.
+    """
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        heads = {(h.step, h.partition): h for h in await chain_heads(conn)}
+        cur = await conn.execute(_CHAINS_WITH_ROWS)
+        chains = sorted(set(heads) | {(step, part) for step, part in await cur.fetchall()})
+        rows = 0
+        breaks: list[ChainBreak] = []
+        for step, partition in chains:
+            verifier = ChainVerifier(step, partition, heads.get((step, partition)))
+            found, read = await _verify_chain(conn, verifier, page, progress)
+            rows += read
+            if found is not None:
+                breaks.append(found)
+    return VerifyReport(len(chains), rows, tuple(breaks))
+
+
+async def _verify_chain(
+    conn: Conn,
+    verifier: ChainVerifier,
+    page: int,
+    progress: Callable[[int], object] | None,
+) -> tuple[ChainBreak | None, int]:
+    """Feed one chain to ``verifier`` page by page; (its first break, rows read)."""
+    read = 0
+    stream = chain_rows(conn, verifier.chain_step, verifier.chain_partition, page=page)
+    async with aclosing(stream):
+        async for row in stream:
+            read += 1
+            if progress is not None and read % page == 0:
+                progress(page)
+            found = verifier.feed(row)
+            if found is not None:
+                break
+        else:
+            found = verifier.finish()
+    if progress is not None and read % page:
+        progress(read % page)
+    return found, read

@@ -93,7 +93,10 @@ def test_cli_db_migrate(database_url: str, fresh_schema: str) -> None:
     env = {"SLUICE_DATABASE_URL": database_url, "SLUICE_DB_SCHEMA": fresh_schema}
     first = CliRunner().invoke(db, ["migrate"], env=env)
     assert first.exit_code == 0, first.output
-    assert first.output == f"schema {fresh_schema}: applied 0001_initial\n"
+    assert first.output == (
+        f"schema {fresh_schema}: applied 0001_initial\n"
+        f"schema {fresh_schema}: applied 0002_writer_role\n"
+    )
     again = CliRunner().invoke(db, ["migrate", "--schema", fresh_schema], env=env)
     assert (again.exit_code, again.output) == (0, f"schema {fresh_schema}: up to date\n")
     bad = CliRunner().invoke(db, ["migrate", "--schema", "No-Such"], env=env)
