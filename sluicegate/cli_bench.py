@@ -1,9 +1,7 @@
-"""``sluice bench``: measure the transports and a stateful step, as ratios within one run.
+"""``sluice bench``: measure the transports, a stateful step and the whole pipeline.
 
 Thin: options, settings and output live here; the measuring is in
-``sluicegate.bench``. Modes are looked up in ``MODES``; ``pipeline`` is
-reserved in the CLI contract and not written yet, so it exits 2 saying so
-(add its runner to ``MODES`` to enable it).
+``sluicegate.bench``. Modes are looked up in ``MODES``.
 """
 
 from __future__ import annotations
@@ -85,8 +83,42 @@ async def _step_mode(
     return build_step_report(results, await _meta(settings, options, extra))
 
 
-# Mode name -> runner. "pipeline" is in the CLI contract but not written yet.
-MODES: dict[str, ModeRunner] = {"transport": _transport_mode, "step": _step_mode}
+async def _pipeline_mode(
+    settings: Settings, options: BenchOptions, progress: Progress
+) -> dict[str, Any]:
+    from sluicegate.bench.pipeline_mode import (
+        DEFAULT_RATE,
+        pipeline_settings,
+        pipeline_warmup,
+        run_pipeline_mode,
+    )
+    from sluicegate.bench.report import build_pipeline_report
+
+    rate = options.rate if options.rate is not None else DEFAULT_RATE
+    results = await run_pipeline_mode(
+        settings,
+        options.kinds,
+        tasks=options.messages,
+        rate=rate,
+        timeout_s=options.timeout_s,
+        progress=progress,
+    )
+    extra = {
+        **pipeline_settings(rate, "subprocess"),
+        "warmup_messages": pipeline_warmup(options.messages),
+    }
+    meta = await _meta(settings, options, extra)
+    for unused in ("size_bytes", "sizes", "batch"):  # transport-mode knobs
+        meta["settings"].pop(unused, None)
+    return build_pipeline_report(results, meta)
+
+
+# Mode name -> runner.
+MODES: dict[str, ModeRunner] = {
+    "transport": _transport_mode,
+    "step": _step_mode,
+    "pipeline": _pipeline_mode,
+}
 
 
 async def _meta(settings: Settings, options: BenchOptions, extra: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +189,10 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     type=click.Choice(MODE_NAMES),
     default="transport",
     show_default=True,
-    help="transport: publish/consume vs the raw clients; step: one stateful step vs a bare loop.",
+    help=(
+        "transport: publish/consume vs the raw clients; step: one stateful step vs a bare loop; "
+        "pipeline: every step end to end at --rate tasks/s (default 100)."
+    ),
 )
 @click.option("--messages", type=click.IntRange(min=10), default=20_000, show_default=True)
 @click.option(
@@ -172,7 +207,7 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Fixed rate in msgs/s, open loop (default: max throughput).",
+    help="Fixed rate in msgs/s, open loop (default: max throughput; pipeline mode: 100 tasks/s).",
 )
 @click.option(
     "--batch",
@@ -187,7 +222,7 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     type=click.FloatRange(min=1),
     default=120.0,
     show_default=True,
-    help="Seconds one case may take.",
+    help="Seconds one case may take (pipeline mode: after its last task was due).",
 )
 @click.option("--no-faust", is_flag=True, help="Step mode: skip the Faust run on Kafka.")
 @click.option("--faust-timeout", "faust_timeout_s", type=click.FloatRange(min=1), default=120.0)
@@ -207,12 +242,15 @@ def bench(
     json_path: Path | None,
     plot_path: Path | None,
 ) -> int:
-    """Benchmark NATS and Kafka: transports against their raw clients, or one stateful step.
+    """Benchmark NATS and Kafka: transports, one stateful step, or the whole pipeline.
 
     Every figure is measured beside its baseline in the same run, since these
-    machines are shared: read ratios, not absolute rates. Uses SLUICE_NATS_URL,
-    SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL (step mode) and SLUICE_PARTITIONS;
-    everything it creates lives under a unique prefix and is deleted afterwards.
+    machines are shared: read ratios, not absolute rates. Pipeline mode runs
+    every step with the policy gate and Postgres sinks at a fixed offered rate
+    and reports tasks/s and end-to-end latency. Uses SLUICE_NATS_URL,
+    SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL (step and pipeline modes) and
+    SLUICE_PARTITIONS; everything it creates lives under a unique prefix (and
+    schema) and is deleted afterwards.
     """
     kinds = _parse_kinds(transports)
     runner = MODES.get(mode)
@@ -254,6 +292,8 @@ def _total(mode: str, options: BenchOptions) -> int:
         from sluicegate.bench.transport_mode import cases_per_size
 
         return options.messages * len(options.sizes) * cases_per_size(options.kinds)
+    if mode == "pipeline":
+        return options.messages * len(options.kinds)  # one result per task per transport
     faust_runs = 1 if options.faust and "kafka" in options.kinds else 0
     return options.messages * (2 * len(options.kinds) + faust_runs)
 

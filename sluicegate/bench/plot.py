@@ -3,7 +3,8 @@
 Transport mode: latency percentile curves (ours solid, raw client dashed,
 one colour per transport) on a "nines" axis, and end-to-end throughput bars
 of ours beside the raw client. Step mode: bars of the bare loop, the step on
-our runtime and Faust, per transport.
+our runtime and Faust, per transport. Pipeline mode: the end-to-end latency
+percentile curve per transport, and completed tasks/s beside the offered rate.
 """
 
 from __future__ import annotations
@@ -88,9 +89,42 @@ def _step_figure(report: Mapping[str, Any]) -> Any:
     return fig
 
 
+def _pipeline_figure(report: Mapping[str, Any]) -> Any:
+    transports = report["transports"]
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
+    for i, (key, obj) in enumerate(transports.items()):
+        points = obj["latency_curve_ms"]
+        if not points:
+            continue
+        xs = [_nines(p) for p, _ in points]
+        ys = [max(ms, 1e-3) for _, ms in points]
+        curves.plot(xs, ys, "-", color=f"C{i}", marker=".", label=key)
+    curves.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
+    curves.set_yscale("log")
+    curves.set_ylabel("task publish → final result (ms)")
+    curves.set_title("End-to-end latency percentiles")
+    curves.grid(True, which="both", alpha=0.3)
+    curves.legend(fontsize="small")
+
+    keys = list(transports)
+    width = 0.38
+    xs = list(range(len(keys)))
+    offered = [transports[k]["offered_rate_per_s"] for k in keys]
+    done = [transports[k]["tasks_per_s"] for k in keys]
+    bars.bar([x - width / 2 for x in xs], offered, width, label="offered")
+    bars.bar([x + width / 2 for x in xs], done, width, label="completed (steady window)")
+    bars.set_xticks(xs, keys)
+    bars.set_ylabel("tasks/s")
+    bars.set_title("Completed tasks beside the offered rate")
+    bars.legend(fontsize="small")
+    return fig
+
+
 def write_plot(report: Mapping[str, Any], path: Path) -> None:
     """Draw the report's figure into ``path`` (PNG)."""
-    fig = _transport_figure(report) if report["mode"] == "transport" else _step_figure(report)
+    figures = {"transport": _transport_figure, "pipeline": _pipeline_figure}
+    fig = figures.get(report["mode"], _step_figure)(report)
     try:
         subtitle = report.get("date", "")
         fig.suptitle(f"sluice bench --mode {report['mode']}  {subtitle}", fontsize="medium")

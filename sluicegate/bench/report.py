@@ -5,7 +5,8 @@ built here, so they always agree. Contract fields (DESIGN.md, "The CLI
 contract"): one object per transport under ``transports``, with
 ``throughput_msgs_per_s``, ``baseline_msgs_per_s`` and ``latency_ms``
 (``p50``, ``p99``, ``p999``) in transport mode, and ``step_msgs_per_s``,
-``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` on Kafka) in step mode.
+``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` on Kafka) in step mode,
+and ``tasks_per_s`` and ``latency_ms`` in pipeline mode.
 Everything else is extra detail and may grow.
 
 ``transports.nats`` is NATS JetStream (what the pipeline runs on); the raw
@@ -16,10 +17,13 @@ core NATS figures, for which sluicegate has no transport, ride along as
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluicegate.bench.step_mode import BUDGET_RATIO, FAUST_BUDGET_RATIO, StepResult
 from sluicegate.bench.transport_mode import CaseResult, TransportRow
+
+if TYPE_CHECKING:  # only its attributes are read: rendering needs no pipeline imports
+    from sluicegate.bench.pipeline_mode import PipelineResult
 
 Report = dict[str, Any]
 REPORT_FORMAT = "sluicegate.bench/1"
@@ -131,6 +135,43 @@ def build_step_report(results: Sequence[StepResult], meta: Mapping[str, Any]) ->
     return report
 
 
+def pipeline_object(result: PipelineResult) -> dict[str, Any]:
+    """One transport's pipeline figures: the contract fields, then what explains them."""
+    cpu_per_task, cores = result.worker_cpu_ms_per_task, result.worker_cores
+    return {
+        "tasks_per_s": round(result.tasks_per_s, 1),
+        "latency_ms": result.latency.as_dict(),
+        "offered_rate_per_s": result.offered_rate,
+        "published_rate_per_s": round(result.publish_rate, 1),
+        "publish_lag_ms": round(result.publish_lag_ms, 1),
+        "sustained": result.sustained,
+        "tasks": result.tasks,
+        "warmup_tasks": result.warmup,
+        "published": result.published,
+        "completed": result.completed,
+        "duplicates": result.duplicates,
+        "statuses": dict(result.statuses),
+        "results_rows": result.results_rows,
+        "latency_curve_ms": [[p, ms] for p, ms in result.curve],
+        "worker": result.worker,
+        "topic_prefix": result.topic_prefix,
+        "db_schema": result.db_schema,
+        "worker_cpu_s": round(result.worker_cpu_s, 2) if result.worker_cpu_s is not None else None,
+        "worker_cpu_ms_per_task": round(cpu_per_task, 2) if cpu_per_task is not None else None,
+        "worker_cores": round(cores, 2) if cores is not None else None,
+        "load_average": {"before": result.load_before, "after": result.load_after},
+        "primer_s": round(result.primer_s, 2),
+        "seconds": round(result.seconds, 2),
+        "error": result.error,
+    }
+
+
+def build_pipeline_report(results: Sequence[PipelineResult], meta: Mapping[str, Any]) -> Report:
+    report: Report = {"format": REPORT_FORMAT, "mode": "pipeline", **meta}
+    report["transports"] = {r.key: pipeline_object(r) for r in results}
+    return report
+
+
 # -- the table ----------------------------------------------------------------------
 
 
@@ -205,8 +246,63 @@ def _transport_lines(transports: Mapping[str, Any]) -> list[list[str]]:
     return lines
 
 
+_PIPELINE_HEADER = (
+    "transport",
+    "offered/s",
+    "sent/s",
+    "tasks/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "done",
+    "cpu ms/task",
+    "worker cores",
+    "kept up",
+)
+
+
+def _pipeline_table(report: Mapping[str, Any]) -> str:
+    lines: list[list[str]] = []
+    notes: list[str] = []
+    for key, obj in report["transports"].items():
+        lat = obj["latency_ms"]
+        cpu = obj.get("worker_cpu_ms_per_task")
+        lines.append(
+            [
+                key,
+                _n(obj["offered_rate_per_s"]),
+                _n(obj["published_rate_per_s"]),
+                _n(obj["tasks_per_s"]),
+                *(_n(lat[p], 1) for p in ("p50", "p90", "p99", "p999", "max")),
+                f"{obj['completed']}/{obj['tasks']}",
+                _n(cpu, 2),
+                _n(obj.get("worker_cores"), 2),
+                "yes" if obj["sustained"] else "NO",
+            ]
+        )
+        # Below the grid, not in it: a long first cell would widen the first column.
+        statuses = ", ".join(f"{name} {count}" for name, count in obj["statuses"].items())
+        load = obj.get("load_average") or {}
+        notes.append(
+            f"{key} statuses: {statuses or '-'}; load average {_n(load.get('before'), 2)}"
+            f" -> {_n(load.get('after'), 2)}"
+        )
+        if obj.get("error"):
+            notes.append(f"{key} ! {obj['error']}")
+    settings = report.get("settings", {})
+    title = (
+        f"pipeline benchmark: {settings.get('messages', '?')} tasks at "
+        f"{settings.get('rate', 0):g}/s offered, worker: {settings.get('worker', '?')}"
+    )
+    return "\n".join([title, _grid(_PIPELINE_HEADER, lines), *notes])
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     """The report as a plain-text table (one per mode)."""
+    if report["mode"] == "pipeline":
+        return _pipeline_table(report)
     if report["mode"] == "transport":
         runs = report.get("sweep") or [{"transports": report["transports"]}]
         lines = [line for run in runs for line in _transport_lines(run["transports"])]
