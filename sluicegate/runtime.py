@@ -2,6 +2,8 @@
 
 This is where the application chooses concrete implementations; the
 libraries below it only see the ``Transport`` and ``CheckpointStore`` protocols.
+It also turns telemetry on from settings (:func:`configure_telemetry`):
+``streams.tracing`` and ``streams.metrics`` stay off until it is called.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import signal
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
 
 from sluicegate.settings import Settings, TransportName
 from streams.checkpoint import CheckpointStore
@@ -122,6 +126,96 @@ async def run_steps(
             await store.close()
         await transport.close()
     return runners
+
+
+@dataclass(slots=True)
+class Telemetry:
+    """What :func:`configure_telemetry` turned on; :meth:`shutdown` flushes and stops it."""
+
+    tracing: bool = False
+    metrics: bool = False
+    # Where Prometheus scrapes, when sluice run serves metrics.
+    metrics_url: str | None = None
+    _server: Any = None
+
+    def shutdown(self) -> None:
+        from streams import metrics, tracing
+
+        if self.tracing:
+            tracing.shutdown()
+        if self.metrics:
+            metrics.shutdown()
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.shutdown()
+            server.server_close()
+
+
+def configure_telemetry(
+    settings: Settings, *, serve_metrics: bool = False, service_name: str = "sluicegate"
+) -> Telemetry:
+    """Turn on tracing and metrics as the settings say; nothing when nothing is configured.
+
+    ``SLUICE_OTLP_ENDPOINT`` set: spans (sampled parent-based at
+    ``SLUICE_TRACE_SAMPLE_RATIO``) and metrics go there over OTLP/HTTP, from
+    background threads. ``serve_metrics`` with ``SLUICE_METRICS_PORT`` set
+    (``sluice run --metrics-port``): a Prometheus endpoint on
+    ``SLUICE_METRICS_HOST`` (loopback unless told otherwise) serves the same
+    metrics. Long-lived commands serve metrics; one-shot ones (``sluice
+    publish``) only export. The providers become the process's global ones, so
+    spans and metrics that steps record through the OpenTelemetry API go the
+    same way.
+    """
+    from streams import metrics, tracing
+
+    telemetry = Telemetry()
+    endpoint = settings.otlp_endpoint
+    resource = {
+        "sluice.transport": settings.transport,
+        "sluice.topic_prefix": settings.topic_prefix,
+    }
+    if endpoint is not None:
+        tracing.configure(
+            endpoint=endpoint,
+            sample_ratio=settings.trace_sample_ratio,
+            service_name=service_name,
+            set_global=True,
+            resource_attributes=resource,
+        )
+        telemetry.tracing = True
+        log.info(
+            "tracing to %s (sample ratio %g for new traces)", endpoint, settings.trace_sample_ratio
+        )
+    readers: list[Any] = []
+    port = settings.metrics_port if serve_metrics else None
+    if port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        # A registry of our own: no process-wide default collectors, and a
+        # second configuration in one process does not collide with the first.
+        registry = CollectorRegistry()
+        readers.append(PrometheusMetricReader(registry=registry))
+        try:
+            server, _thread = start_http_server(port, addr=settings.metrics_host, registry=registry)
+        except OSError as exc:
+            telemetry.shutdown()
+            raise OSError(
+                f"cannot serve metrics on {settings.metrics_host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        telemetry._server = server
+        telemetry.metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
+        log.info("serving Prometheus metrics on %s", telemetry.metrics_url)
+    if readers or endpoint is not None:
+        metrics.configure(
+            readers=readers,
+            endpoint=endpoint,
+            service_name=service_name,
+            set_global=True,
+            resource_attributes=resource,
+        )
+        telemetry.metrics = True
+    return telemetry
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

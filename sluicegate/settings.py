@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="sluice", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     partitions: int = Field(default=4, ge=1, le=256)
     otlp_endpoint: str | None = None
+    # Share of new traces kept (parent-based: a trace is kept or dropped whole).
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # `sluice run` serves Prometheus metrics on this port (and metrics_host) when set.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     # The local stack: where it keeps its files and which loopback ports it uses.
     home: Path = Path(".sluice")
@@ -37,6 +42,11 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _blank_port_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_nats_url(self) -> str:
         return self.nats_url or f"nats://127.0.0.1:{self.local_nats_port}"

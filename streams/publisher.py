@@ -12,6 +12,10 @@ events are published in batches on the transport's pipelined path::
 
 Invalid input raises :class:`~streams.codec.DecodeError` with a reason and
 nothing of it is published.
+
+When tracing is on (``streams.tracing.configure``) and no ``before_send`` hook
+is given, each event starts its task's trace: a ``send <topic>`` span whose
+context the event carries (``streams.tracing.publish_hook``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from streams import tracing
 from streams.codec import (
     DEFAULT_MAX_BYTES,
     REASON_TOO_LARGE,
@@ -35,7 +40,8 @@ from streams.ids import new_id
 from streams.transport import OutMessage, Transport
 
 # Called with each event just before it is encoded; returns the event to send
-# (tracing uses it to start a trace and stamp ``traceparent``).
+# (tracing uses it to start a trace and stamp ``traceparent``). Without one,
+# the tracing hook applies whenever tracing is on.
 EventHook = Callable[[Event], Event]
 
 
@@ -61,6 +67,7 @@ class Publisher:
         self.max_bytes = max_bytes
         self.before_send = before_send
         self.published = 0
+        self._traced: EventHook | None = None
 
     def prepare(self, raw: Mapping[str, Any]) -> Event:
         """Complete and validate one event; raise ``DecodeError`` naming what is wrong."""
@@ -79,8 +86,11 @@ class Publisher:
         return event
 
     def encode(self, event: Event) -> OutMessage:
-        if self.before_send is not None:
-            event = self.before_send(event)
+        hook = self.before_send
+        if hook is None and tracing.enabled():
+            hook = self._traced or self._tracing_hook()
+        if hook is not None:
+            event = hook(event)
         try:
             body = encode(event, max_bytes=self.max_bytes)
         except EncodeError as exc:
@@ -99,6 +109,16 @@ class Publisher:
         if batch:
             sent += await self._flush(batch)
         return sent
+
+    def _tracing_hook(self) -> EventHook:
+        # The hook reads the live tracer on each call, so it may be kept.
+        hook = tracing.publish_hook(
+            self.topic,
+            system=self.transport.name,
+            destination=f"{self.transport.prefix}.{self.topic}",
+        )
+        self._traced = hook
+        return hook or (lambda event: event)
 
     async def _flush(self, batch: Sequence[OutMessage]) -> int:
         await self.transport.publish_batch(batch)

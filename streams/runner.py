@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from streams import metrics, tracing
 from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
 from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
 from streams.envelope import Event
@@ -148,7 +149,8 @@ class StepRunner:
         self.store = store
         self.config = config or RunnerConfig()
         self.partitions = partitions
-        self.group = group or f"{transport.prefix}.{processor.name}"
+        # Transports namespace groups under their prefix themselves.
+        self.group = group or processor.name
         self.stats = RunnerStats()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._registry = _registry_for(processor.accepts)
@@ -162,6 +164,13 @@ class StepRunner:
         self._has_tick = callable(getattr(processor, "tick", None))
         self._last_tick = 0.0
         self._pending_ids: dict[int, set[str]] = {}
+        # Observability: the tracer is read once per batch, so with tracing
+        # off no event pays more than one ``is None`` check (streams.tracing).
+        self._tracer: tracing.Tracer | None = None
+        self._hop_site = tracing.HopSite(
+            system=transport.name, prefix=transport.prefix, step=processor.name, group=self.group
+        )
+        self._metrics = metrics.StepMetrics(processor.name, prefix=transport.prefix)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -272,6 +281,7 @@ class StepRunner:
         # State and seen ids change in this overlay until the store has
         # committed, so a failed commit leaves memory equal to Postgres.
         self._pending_ids = {}
+        self._tracer = tracing.tracer()
         for msg in messages:
             await self._handle_message(msg, batch, produce)
         try:
@@ -306,6 +316,14 @@ class StepRunner:
                 log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
         self.stats.batches += 1
         self.stats.last_batch_s = time.perf_counter() - started
+        self._metrics.batch_done(
+            batch.audit,
+            len(produce),
+            self.stats.duplicates,
+            self.stats.last_batch_s,
+            messages,
+            self._sub,
+        )
 
     async def _rewind(self, messages: Sequence[Message]) -> None:
         self._pending_ids = {}
@@ -391,18 +409,41 @@ class StepRunner:
             self.stats.duplicates += 1
             return
         pending.add(event.id)
+        hop = None
+        if self._tracer is not None:
+            hop = tracing.start_hop(self._tracer, self._hop_site, msg, event)
+        if hop is None:
+            await self._handle_event(msg, event, batch, produce, None)
+            return
+        with hop:
+            # The step sees the input re-stamped with the hop's span, so its
+            # outputs, audit rows and results continue the trace from here.
+            await self._handle_event(msg, hop.event, batch, produce, hop)
+
+    async def _handle_event(
+        self,
+        msg: Message,
+        event: Event,
+        batch: CommitBatch,
+        produce: list[OutMessage],
+        hop: tracing.Hop | None,
+    ) -> None:
         try:
             # A valid envelope with bad data keeps its identity in the dead letter,
             # so the audit trail finds it by session and a replay is deduped.
             data = self._registry.validate(event, strict_types=bool(self.processor.accepts))
         except DecodeError as exc:
-            self._dead_letter(msg, batch, produce, exc.reason, exc, event=event)
+            self._dead_letter(msg, batch, produce, exc.reason, exc, event=event, hop=hop)
             return
         try:
             outputs, wire, ctx, changed = await self._process(event, data, msg.partition, batch)
         except _Poison as poison:
-            self._dead_letter(msg, batch, produce, poison.reason, poison.error, event=event)
+            self._dead_letter(
+                msg, batch, produce, poison.reason, poison.error, event=event, hop=hop
+            )
             return
+        if hop is not None:
+            hop.annotate(ctx.audit, len(outputs))
         if changed is not None:
             batch.states[(msg.partition, StateKey(event.tenant, event.session))] = changed
         self._collect(ctx, msg.partition, batch)
@@ -479,7 +520,10 @@ class StepRunner:
         error: BaseException,
         *,
         event: Event | None,
+        hop: tracing.Hop | None = None,
     ) -> None:
+        if hop is not None:
+            hop.dead_letter(reason, error)
         text = (error.detail if isinstance(error, DecodeError) else str(error))[:1000]
         headers = {
             H_DLQ_REASON: reason,

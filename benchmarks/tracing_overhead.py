@@ -1,0 +1,219 @@
+"""What tracing and metrics cost a step: StepRunner throughput with them off and on, as ratios.
+
+One stateful step (a per-session counter with one output, as in the runner's
+unit tests) runs on the in-memory transport and checkpoint store, so the
+figures isolate the runner's own work, which is where span work lands.
+Modes:
+
+- ``off``: no provider (the default when ``SLUICE_OTLP_ENDPOINT`` is unset);
+- ``sampled 0.01`` / ``sampled 1.0``: tracing on, parent-based at that ratio,
+  spans through a ``BatchSpanProcessor`` (as in production) into an exporter
+  that drops them, so no network is measured; its queue is sized so that no
+  span is dropped for lack of room, and the run checks that every sampled hop
+  was exported;
+- ``metrics``: tracing off, step metrics on (an in-memory reader, never read
+  during the run).
+
+Inputs are published through the library's ``Publisher`` with tracing at the
+mode's ratio, so a step sees what it would downstream of ``sluice publish``:
+at 0.01, one input in a hundred carries a sampled trace. Modes are
+interleaved over several rounds and the median of each is reported, since
+these machines are noisy. Throughput is given per CPU second of this process
+(the exporter's thread included), which other load on the machine disturbs
+far less than wall-clock time, and per wall-clock second. Also printed: the
+publisher's encode cost per event with its ``send`` span.
+
+    python benchmarks/tracing_overhead.py [--messages 20000] [--rounds 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from pydantic import BaseModel
+
+from agents.api import Step
+from streams import metrics, tracing
+from streams.checkpoint import MemoryCheckpointStore
+from streams.envelope import Event
+from streams.publisher import Publisher
+from streams.runner import RunnerConfig, StepRunner
+from streams.step import Context, Output
+from streams.transports.memory import MemoryTransport
+
+
+class Ping(BaseModel):
+    n: int
+
+
+class Counter(Step):
+    name = "counter"
+    inputs = ("in",)
+    outputs = ("out",)
+    accepts: ClassVar = {"ping": Ping}
+
+    async def process(self, event: Event, ctx: Context) -> list[Output]:
+        assert isinstance(ctx.data, Ping)
+        ctx.state["count"] = ctx.state.get("count", 0) + 1
+        return [ctx.output("out", "pong", {"n": ctx.data.n, "count": ctx.state["count"]})]
+
+
+class DropExporter(SpanExporter):
+    """Counts spans and drops them."""
+
+    def __init__(self) -> None:
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    ratio: float | None  # None: tracing off
+    metrics: bool = False
+
+
+MODES = (
+    Mode("off", None),
+    Mode("sampled 0.01", 0.01),
+    Mode("sampled 1.0", 1.0),
+    Mode("metrics", None, metrics=True),
+)
+
+
+def events(n: int, sessions: int = 200) -> list[Event]:
+    return [
+        Event(source="bench", type="ping", tenant="t", session=f"s{i % sessions}", data={"n": i})
+        for i in range(n)
+    ]
+
+
+async def run_mode(mode: Mode, n: int, batch: int) -> tuple[float, float, int]:
+    """Events per CPU second and per wall second of the runner, and hop spans exported."""
+    exporter = DropExporter()
+    # Inputs as an upstream publisher would send them under this mode's ratio
+    # (with tracing off here they still carry context, as they would when
+    # only upstream traces: the runner must ignore it cheaply).
+    tracing.configure(exporter=exporter, sample_ratio=1.0 if mode.ratio is None else mode.ratio)
+    transport = MemoryTransport(partitions=4)
+    await transport.ensure_topics(["in", "out"])
+    await Publisher(transport, topic="in", default_type="ping").publish(events(n))
+    tracing.force_flush()
+    published = exporter.exported
+    if mode.ratio is None:
+        tracing.shutdown()
+    if mode.metrics:
+        metrics.configure(readers=[InMemoryMetricReader()])
+    runner = StepRunner(
+        Counter(), transport, MemoryCheckpointStore(), config=RunnerConfig(batch_size=batch)
+    )
+    await runner.start()
+    gc.collect()
+    started, cpu = time.perf_counter(), time.process_time()
+    while runner.stats.processed < n:
+        await runner.run_once()
+    # Spans still queued are exported inside the measurement: they are its cost.
+    tracing.force_flush()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    hops = exporter.exported - published if mode.ratio is not None else 0
+    tracing.shutdown()
+    metrics.shutdown()
+    if mode.ratio is not None:
+        # Every sampled trace's hop must have been recorded and exported.
+        assert hops == published, f"{mode.name}: {published} traces, {hops} hop spans"
+    return n / cpu, n / elapsed, hops
+
+
+def encode_cost_us(n: int, ratio: float | None) -> float:
+    """The publisher's encode time per event, with tracing at ``ratio`` (None: off)."""
+    if ratio is not None:
+        tracing.configure(exporter=DropExporter(), sample_ratio=ratio)
+    publisher = Publisher(MemoryTransport(), topic="in", default_type="ping")
+    batch = events(n)
+    started = time.process_time()
+    for event in batch:
+        publisher.encode(event)
+    tracing.force_flush()
+    elapsed = time.process_time() - started
+    tracing.shutdown()
+    return elapsed / n * 1e6
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    # Every span must reach the exporter, or dropping would look like speed;
+    # the BatchSpanProcessor reads this when tracing.configure() builds it.
+    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "262144")
+    rates: dict[str, list[float]] = {m.name: [] for m in MODES}
+    walls: dict[str, list[float]] = {m.name: [] for m in MODES}
+    hops: dict[str, int] = {}
+    await run_mode(MODES[0], min(args.messages, 2000), args.batch)  # warm up
+    for round_ in range(args.rounds):
+        order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
+        for mode in order:
+            rate, wall, hop_spans = await run_mode(mode, args.messages, args.batch)
+            rates[mode.name].append(rate)
+            walls[mode.name].append(wall)
+            hops[mode.name] = hop_spans
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    wall_medians = {name: statistics.median(values) for name, values in walls.items()}
+    off, wall_off = medians["off"], wall_medians["off"]
+    encode = {
+        "off": encode_cost_us(args.messages, None),
+        "sampled 0.01": encode_cost_us(args.messages, 0.01),
+        "sampled 1.0": encode_cost_us(args.messages, 1.0),
+    }
+    print(
+        f"StepRunner, one stateful step, memory transport and store: "
+        f"{args.messages} events x {args.rounds} rounds, batch {args.batch}"
+    )
+    print(
+        f"{'mode':<14} {'ev/CPU s':>10} {'ratio':>7} {'CPU us/ev':>10} "
+        f"{'ev/wall s':>10} {'ratio':>7} {'hop spans':>10}"
+    )
+    for name, rate in medians.items():
+        wall = wall_medians[name]
+        print(
+            f"{name:<14} {rate:>10,.0f} {rate / off:>7.3f} {1e6 / rate:>10.1f} "
+            f"{wall:>10,.0f} {wall / wall_off:>7.3f} {hops.get(name, 0):>10}"
+        )
+    print("publisher encode, CPU us/event: " + ", ".join(f"{k} {v:.1f}" for k, v in encode.items()))
+    return {
+        "messages": args.messages,
+        "rounds": args.rounds,
+        "batch": args.batch,
+        "events_per_cpu_s": medians,
+        "ratio_to_off": {name: rate / off for name, rate in medians.items()},
+        "events_per_wall_s": wall_medians,
+        "wall_ratio_to_off": {name: rate / wall_off for name, rate in wall_medians.items()},
+        "all_rounds_cpu": rates,
+        "all_rounds_wall": walls,
+        "publisher_encode_us": encode,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--json", default=None, help="Also write the figures to this file.")
+    cli = parser.parse_args()
+    report = asyncio.run(main(cli))
+    if cli.json:
+        with open(cli.json, "w") as out:
+            json.dump(report, out, indent=2)

@@ -1,0 +1,149 @@
+"""``sluice tail``: follow a topic as an observer that never disturbs the pipeline.
+
+This module owns the command's flags, signal handling and exit codes; how
+messages are inspected, filtered and printed lives in ``sluicegate.tailing``.
+
+Exit codes: 0 when ``--count`` events were shown; 130 when stopped by Ctrl-C
+(SIGINT) and 143 by SIGTERM, the codes a shell reports for a command ended by
+those signals, so a script can tell "got N events" from "was stopped"; 1 the
+broker failed; 2 bad flags or an unknown topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import suppress
+
+import click
+
+from sluicegate.cli import load_settings, transport_option
+from sluicegate.pipeline import TOPICS
+from sluicegate.runtime import make_transport
+from sluicegate.settings import Settings
+from sluicegate.tailing import Filter, Seen, follow, renderer
+from streams.transport import TransportError
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
+
+
+@click.command("tail")
+@transport_option
+@click.argument("topic", type=click.Choice(TOPICS), default="results", metavar="[TOPIC]")
+@click.option(
+    "--from-beginning", is_flag=True, help="Start at the oldest event kept (default: new only)."
+)
+@click.option("--session", default=None, help="Only events of this session.")
+@click.option("--tenant", default=None, help="Only events of this tenant.")
+@click.option("--type", "event_type", default=None, help="Only events of this type.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--count", type=click.IntRange(min=1), default=None, help="Stop after N matching events."
+)
+def tail(
+    transport: str | None,
+    topic: str,
+    from_beginning: bool,
+    session: str | None,
+    tenant: str | None,
+    event_type: str | None,
+    as_json: bool,
+    count: int | None,
+) -> None:
+    """Follow TOPIC (default: results) and print its events as they arrive.
+
+    tail is an observer: it joins no consumer group and commits nothing, so
+    it never takes partitions from, or moves the offsets of, running workers.
+    It creates the topic if it does not exist yet, as a worker would, so it
+    can be started before the pipeline.
+
+    Each event is one line: time (UTC), type, tenant/session, the end of its
+    id, and a summary of its data. --json prints the CloudEvent as on the
+    wire instead; on dlq, {"dlq": {reason, error, message, step, source},
+    "event": ...}, with the raw body instead of "event" when it is not JSON.
+
+    Exit 0 after --count events; 130 on Ctrl-C (143 on SIGTERM).
+    """
+    settings = load_settings(transport=transport)
+    match = Filter(tenant=tenant, session=session, type=event_type)
+    render = renderer(as_json)
+    stopped_by: list[signal.Signals] = []
+    try:
+        asyncio.run(
+            _tail(settings, topic, from_beginning, count, match, render, stopped_by),
+        )
+    except KeyboardInterrupt:  # a second Ctrl-C while closing
+        raise click.exceptions.Exit(EXIT_CODES[signal.SIGINT]) from None
+    except BrokenPipeError:
+        # The reader went away (`sluice tail | head`): that is a normal end.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    except TransportError as exc:
+        raise click.ClickException(str(exc)) from None
+    if stopped_by:
+        raise click.exceptions.Exit(EXIT_CODES[stopped_by[0]])
+
+
+async def _tail(
+    settings: Settings,
+    topic: str,
+    from_beginning: bool,
+    count: int | None,
+    match: Filter,
+    render: Callable[[Seen], str],
+    stopped_by: list[signal.Signals],
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+        # A second Ctrl-C gets Python's default (KeyboardInterrupt), in case
+        # closing the connection hangs.
+        loop.remove_signal_handler(sig)
+
+    installed: list[signal.Signals] = []
+    for sig in EXIT_CODES:
+        with suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+
+    out = sys.stdout
+
+    def emit(seen: Seen) -> None:
+        out.write(render(seen) + "\n")
+
+    shown = 0
+    transport = make_transport(settings)
+    try:
+        await transport.connect()
+        await transport.ensure_topics([topic])
+        # group=None: an observer, never a member of the workers' groups.
+        subscription = await transport.subscribe(
+            [topic], group=None, start="earliest" if from_beginning else "latest"
+        )
+        try:
+            start = "from the beginning" if from_beginning else "new events only"
+            click.echo(
+                f"following {topic} on {transport.name} (prefix {settings.topic_prefix}), "
+                f"{start}; Ctrl-C to stop",
+                err=True,
+            )
+            shown = await follow(
+                subscription, match=match, emit=emit, flush=out.flush, stop=stop, count=count
+            )
+        finally:
+            await subscription.close()
+    finally:
+        await transport.close()
+        for sig in installed:
+            with suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+    if stopped_by:
+        click.echo(f"stopped after {shown} event(s)", err=True)
