@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.demo import DemoOutcome, run_demo
+from sluicegate.runtime import configure_telemetry
 from sluicegate.samples import DEMO
 
 
@@ -31,9 +32,13 @@ def demo(transport: str | None, timeout: float) -> None:
     console = Console(highlight=False, width=None if Console().is_terminal else 120)
     logging.basicConfig(level=logging.ERROR)
     console.print(f"[bold]sluicegate demo[/bold] on {settings.transport}")
-    outcome = asyncio.run(
-        run_demo(settings, transport=settings.transport, timeout_s=timeout, say=console.print)
-    )
+    telemetry = configure_telemetry(settings)
+    try:
+        outcome = asyncio.run(
+            run_demo(settings, transport=settings.transport, timeout_s=timeout, say=console.print)
+        )
+    finally:
+        telemetry.shutdown()
     render(console, outcome)
     if not outcome.ok:
         raise click.exceptions.Exit(1)
@@ -104,7 +109,7 @@ def _outcome_line(answer: object) -> str:
 
 def _trace_hint(trace_id: str | None) -> str:
     if trace_id is None:
-        return "none recorded"
+        return "tracing is off: set SLUICE_OTLP_ENDPOINT (e.g. the compose/ collector)"
     return (
         f"{trace_id} (set SLUICE_OTLP_ENDPOINT to export traces; with compose/, "
         f"open Jaeger at http://127.0.0.1:16686/trace/{trace_id})"

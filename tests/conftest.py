@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.services import configured, require_reachable
+from tests.services import SESSION_PREFIXES, configured, new_prefix, require_reachable
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +46,11 @@ async def delete_test_streams(url: str) -> None:
         # The stream list comes in pages: repeat until a pass finds none.
         while True:
             names = [i.config.name for i in await js.streams_info() if i.config.name]
-            doomed = [name for name in names if TEST_STREAM.match(name)]
+            doomed = [
+                name
+                for name in names
+                if TEST_STREAM.match(name) and name.split("_", 1)[0] in SESSION_PREFIXES
+            ]
             if not doomed:
                 return
             for name in doomed:
@@ -80,7 +83,8 @@ async def drop_test_schemas(url: str) -> None:
             "SELECT nspname FROM pg_namespace WHERE nspname ~ '^s_t[0-9a-f]{10}$'"
         )
         for (name,) in await cur.fetchall():
-            await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+            if name.removeprefix("s_") in SESSION_PREFIXES:
+                await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +109,7 @@ def database_url(stack_home: Path) -> Iterator[str]:
 @pytest.fixture
 def prefix() -> str:
     """A topic prefix unique to one test, so tests never see each other's messages."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    return new_prefix()
 
 
 TransportFactory = Callable[..., object]

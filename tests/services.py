@@ -34,3 +34,16 @@ def require_reachable(setting: str, url: str, default_port: int) -> None:
 
 def configured(setting: str) -> str | None:
     return os.environ.get(setting) or None
+
+
+# Topic prefixes handed out in this test session. Cleanup removes only their
+# streams and schemas, so concurrent sessions on a shared server keep theirs.
+SESSION_PREFIXES: set[str] = set()
+
+
+def new_prefix() -> str:
+    import uuid
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    SESSION_PREFIXES.add(prefix)
+    return prefix

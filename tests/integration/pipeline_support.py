@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from sluicegate.settings import Settings, TransportName
 from streams.codec import encode, headers_for
 from streams.envelope import Event
 from streams.transport import OutMessage
+from tests.services import new_prefix
 
 
 def settings_for(
@@ -170,4 +170,4 @@ async def scalar_rows(settings: Settings, query: str) -> list[tuple[object, ...]
 
 
 def unique_prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+    return new_prefix()
