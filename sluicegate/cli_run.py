@@ -10,7 +10,13 @@ import click
 
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.pipeline import build_steps, select_steps
-from sluicegate.runtime import NotMigratedError, parse_instance, run_steps, stop_on_signals
+from sluicegate.runtime import (
+    NotMigratedError,
+    configure_telemetry,
+    parse_instance,
+    run_steps,
+    stop_on_signals,
+)
 from streams.runner import RunnerConfig
 from streams.transport import TransportError
 
@@ -31,23 +37,38 @@ from streams.transport import TransportError
     show_default=True,
     help="Which stream engine runs the steps.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics on this port (SLUICE_METRICS_PORT; "
+    "host SLUICE_METRICS_HOST, default 127.0.0.1).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def run(
-    transport: str | None, steps: str | None, instance: str | None, engine: str, log_level: str
+    transport: str | None,
+    steps: str | None,
+    instance: str | None,
+    engine: str,
+    metrics_port: int | None,
+    log_level: str,
 ) -> None:
     """Run one, several or all steps of the pipeline until SIGTERM or SIGINT.
 
     Each batch in hand is finished before the worker exits; progress and state
     are in Postgres, so a restarted worker resumes where this one stopped.
+    With SLUICE_OTLP_ENDPOINT set, traces and metrics are exported over OTLP.
     """
-    settings = load_settings(transport=transport)
+    settings = load_settings(transport=transport, metrics_port=metrics_port)
+    if engine == "faust":
+        _check_faust_flags(settings.transport, instance)
     try:
-        chosen = select_steps(build_steps(), steps)
+        pipeline = build_steps()
+        chosen = select_steps(pipeline, steps)
         owned = parse_instance(instance) if instance else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    if engine == "faust":
-        raise click.ClickException("--engine faust is not available yet; use --engine native")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
 
     config = RunnerConfig()
@@ -59,9 +80,37 @@ def run(
     async def main() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        await run_steps(chosen, settings, stop=stop, instance=owned, config=config)
+        if engine == "faust":
+            # Imported here: Faust is slow to import, and only this engine needs it.
+            from sluicegate.faust_engine import run_faust_steps
 
+            names = [step.name for step in pipeline]
+            await run_faust_steps(chosen, settings, stop=stop, config=config, all_steps=names)
+        else:
+            await run_steps(chosen, settings, stop=stop, instance=owned, config=config)
+
+    try:
+        telemetry = configure_telemetry(settings, serve_metrics=True)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         asyncio.run(main())
     except (NotMigratedError, TransportError) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        # Flushes the spans and metrics still queued for export.
+        telemetry.shutdown()
+
+
+def _check_faust_flags(transport: str, instance: str | None) -> None:
+    """Refuse, on one line with exit 2, what the Faust engine cannot do."""
+    if transport != "kafka":
+        raise click.UsageError(
+            f"--engine faust runs on Kafka only, not {transport}: "
+            "pass --transport kafka (or set SLUICE_TRANSPORT=kafka)"
+        )
+    if instance is not None:
+        raise click.UsageError(
+            "--instance does not apply to --engine faust: Faust's consumer group assigns "
+            "partitions (start more workers with the same --steps instead)"
+        )

@@ -42,8 +42,8 @@ from tests.integration.pipeline_support import (
 
 pytestmark = pytest.mark.integration
 
-TASKS = 3000
-RATE = 100  # tasks per second: publishing lasts 30 s, through both rebalances
+TASKS = 4000
+RATE = 100  # tasks per second: publishing lasts 40 s, through both rebalances
 # The bridge's log line after each assignment.
 ASSIGNED = re.compile(r"assigned (\d+) input partitions, resuming at Postgres's offsets")
 INPUTS = 7  # input topics of the reference pipeline (the responder reads two)
@@ -96,7 +96,7 @@ async def test_workers_join_and_leave_under_live_traffic(
         prefix=unique_prefix(),
     )
     await prepare_database(settings)
-    events = [t.event for t in mixed_tasks(TASKS, sessions=300)]
+    events = [t.event for t in mixed_tasks(TASKS, sessions=400)]
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
 
     first = spawn_worker(settings, first_log)
