@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import click
 from rich.console import Console
@@ -28,29 +29,39 @@ def demo(transport: str | None, timeout: float) -> None:
     summary, and leaves nothing running. Exit 0 when all of that held.
     """
     settings = load_settings(transport=transport)
-    # A log or CI has no terminal width: 120 columns keep the tables readable.
-    console = Console(highlight=False, width=None if Console().is_terminal else 120)
+    # A log or CI has no terminal width: 140 columns keep the tables readable.
+    console = Console(highlight=False, width=None if Console().is_terminal else 140)
     logging.basicConfig(level=logging.ERROR)
     console.print(f"[bold]sluicegate demo[/bold] on {settings.transport}")
     telemetry = configure_telemetry(settings)
+    spans = None
+    if settings.otlp_endpoint is None:
+        # Nothing to export to: keep the spans in memory, so the summary can
+        # still show one task's trace and how many hops it has.
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from streams import tracing
+
+        spans = InMemorySpanExporter()
+        tracing.configure(exporter=spans, batch=False)
     try:
         outcome = asyncio.run(
             run_demo(settings, transport=settings.transport, timeout_s=timeout, say=console.print)
         )
     finally:
         telemetry.shutdown()
-    render(console, outcome)
+    render(console, outcome, spans)
     if not outcome.ok:
         raise click.exceptions.Exit(1)
 
 
-def render(console: Console, outcome: DemoOutcome) -> None:
+def render(console: Console, outcome: DemoOutcome, spans: Any = None) -> None:
     results = Table(title="Results", title_justify="left")
     results.add_column("tenant", min_width=6)
-    results.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=36)
-    results.add_column("expected", no_wrap=True, overflow="ellipsis", max_width=30)
+    results.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=32)
+    results.add_column("expected", no_wrap=True, overflow="ellipsis", max_width=26)
     results.add_column("status", min_width=9)
-    results.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=60)
+    results.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=50)
     for sample, event in zip(DEMO, outcome.published, strict=True):
         result = outcome.results.get(event.id)
         status = result.status if result else "[red]missing[/red]"
@@ -86,7 +97,7 @@ def render(console: Console, outcome: DemoOutcome) -> None:
     )
     summary.add_row("audit chains", chains)
     trace = next((r.trace_id for r in outcome.results.values() if r.trace_id), None)
-    summary.add_row("one trace id", _trace_hint(trace))
+    summary.add_row("one trace", _trace_hint(trace, spans))
     summary.add_row("took", f"{outcome.elapsed_s:.1f} s")
     console.print(summary)
     verdict = "[green]OK[/green]" if outcome.ok else "[red]FAILED[/red]"
@@ -107,10 +118,15 @@ def _outcome_line(answer: object) -> str:
     return " | ".join(lines[1:] or lines)
 
 
-def _trace_hint(trace_id: str | None) -> str:
+def _trace_hint(trace_id: str | None, spans: Any) -> str:
     if trace_id is None:
-        return "tracing is off: set SLUICE_OTLP_ENDPOINT (e.g. the compose/ collector)"
-    return (
-        f"{trace_id} (set SLUICE_OTLP_ENDPOINT to export traces; with compose/, "
-        f"open Jaeger at http://127.0.0.1:16686/trace/{trace_id})"
-    )
+        return "no trace recorded"
+    if spans is not None:
+        hops = [
+            s.name for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id
+        ]
+        return (
+            f"{trace_id}: {len(hops)} spans ({', '.join(hops)}), kept in memory; "
+            "set SLUICE_OTLP_ENDPOINT to export them (compose/ has a collector and Jaeger)"
+        )
+    return f"{trace_id}: in Jaeger at http://127.0.0.1:16686/trace/{trace_id} (with compose/)"
