@@ -101,7 +101,6 @@ class _Worker:
         self.config = config
         self.bridge = RebalanceBridge(app, transport.names)
         self.runners: list[StepRunner] = []
-        self.tables: list[SessionTable] = []
         self._stores: list[CheckpointStore] = []
         self._app_started = False
 
@@ -151,7 +150,6 @@ class _Worker:
         runner = StepRunner(step, self.transport, store, config=self.config)
         await runner.start()  # subscribes: declares the step's agent
         self.runners.append(runner)
-        self.tables.append(table)
         self.bridge.add(self.transport.subscriptions[-1], table)
 
     async def _watch(self, stop: asyncio.Event) -> None:

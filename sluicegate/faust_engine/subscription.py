@@ -49,6 +49,8 @@ class SubscriptionStats:
     acked_by_seek: int = 0
     # Messages of a partition the rebalance had not announced (see fetch).
     late_assignments: int = 0
+    # Neither committed nor sought by the runner: delivered again (see fetch).
+    redelivered: int = 0
 
 
 class FaustSubscription:
@@ -154,6 +156,7 @@ class FaustSubscription:
         self._end_turn()
         self._check_open()
         self._raise_error()
+        self._redeliver_leftovers()
         if max_messages <= 0:
             return []
         loop = asyncio.get_running_loop()
@@ -194,6 +197,27 @@ class FaustSubscription:
         self._owned.update(late)
         if self._on_assign is not None:
             await self._on_assign(frozenset(late))
+
+    def _redeliver_leftovers(self) -> None:
+        """Hand out again what the last batch neither committed nor sought past.
+
+        The runner commits a batch, or seeks its partitions (a rewind, or a
+        reload after a stale batch). After a stale batch it reloads only the
+        partitions the batch advanced, so messages of a partition it skipped
+        entirely stay in flight; unacked, they would hold Faust's next
+        rebalance forever (it waits for every delivered event to be acked).
+        Delivered again, they are skipped again and acked with that batch.
+        """
+        if not self._inflight:
+            return
+        leftovers = sorted(
+            (m for held in self._inflight.values() for m in held.values()),
+            key=lambda m: (m.topic, m.partition, m.offset),
+        )
+        self._inflight.clear()
+        # In front: a partition's leftovers precede its queued messages.
+        self._queue.extendleft(reversed(leftovers))
+        self.stats.redelivered += len(leftovers)
 
     def _take(self, max_messages: int) -> list[Message]:
         batch: list[Message] = []

@@ -243,3 +243,81 @@ def test_what_faust_cannot_do_is_one_line_and_exit_2(
     assert len(lines) == 1, captured.err
     assert says in lines[0]
     assert captured.out == ""
+
+
+# -- the rebalance bridge -----------------------------------------------------------------
+
+
+class FakeSignal:
+    def __init__(self) -> None:
+        self.receivers: list[Any] = []
+
+    def connect(self, receiver: Any) -> None:
+        self.receivers.append(receiver)
+
+    async def send(self, sender: Any, *args: Any) -> None:
+        for receiver in self.receivers:
+            await receiver(sender, *args, signal=self)
+
+
+class FakeConsumer:
+    def __init__(self, assigned: set[Any]) -> None:
+        self.assigned = assigned
+        self.committed: list[dict[Any, int]] = []
+
+    def assignment(self) -> set[Any]:
+        return self.assigned
+
+    async def _commit(self, offsets: dict[Any, int]) -> bool:
+        self.committed.append(dict(offsets))
+        return True
+
+
+async def test_the_bridge_moves_the_group_to_postgres_offsets_and_forgets_on_revoke() -> None:
+    from faust.types import TP
+
+    from sluicegate.faust_engine.rebalance import RebalanceBridge
+    from sluicegate.faust_engine.subscription import FaustSubscription
+
+    stored = {
+        ("a", TopicPartition("shared", 0)): 9,
+        ("b", TopicPartition("shared", 0)): 4,
+        ("b", TopicPartition("own", 0)): 2,
+    }
+    loaded: list[tuple[str, frozenset[TopicPartition]]] = []
+    subs: dict[str, FaustSubscription] = {}
+
+    def loader(step: str) -> Any:
+        async def on_assign(tps: frozenset[TopicPartition]) -> None:
+            loaded.append((step, tps))
+            for tp in tps:
+                if (step, tp) in stored:
+                    await subs[step].seek(tp, stored[(step, tp)] + 1)
+
+        return on_assign
+
+    for step, topics in (("a", ["shared"]), ("b", ["shared", "own"])):
+        subs[step] = FaustSubscription(topics, name=step, capacity=4, on_assign=loader(step))
+    consumer = FakeConsumer({TP("p.shared", 0), TP("p.own", 0), TP("p.faust-a-state-changelog", 0)})
+    app: Any = SimpleNamespace(
+        consumer=consumer, on_partitions_revoked=FakeSignal(), on_rebalance_complete=FakeSignal()
+    )
+    bridge = RebalanceBridge(app, KafkaNames("p"))
+    tables = {step: SessionTable(FakeTable(), 4) for step in subs}
+    for step, sub in subs.items():
+        bridge.add(sub, tables[step])
+    bridge.connect()
+
+    await app.on_rebalance_complete.send(app)
+    assert sorted(loaded) == [
+        ("a", frozenset({TopicPartition("shared", 0)})),
+        ("b", frozenset({TopicPartition("own", 0), TopicPartition("shared", 0)})),
+    ]
+    # A topic two steps read resumes at the earlier of their offsets.
+    assert consumer.committed == [{TP("p.shared", 0): 5, TP("p.own", 0): 3}]
+
+    in_p0 = next(f"s{i}" for i in range(100) if partition(f"s{i}") == 0)
+    tables["b"].table.data[("acme", in_p0)] = b"{}"
+    await app.on_partitions_revoked.send(app, {TP("p.own", 0), TP("p.shared", 0)})
+    assert subs["a"].assignment() == subs["b"].assignment() == frozenset()
+    assert tables["b"].table.data == {}  # this worker's copy; the changelog keeps it

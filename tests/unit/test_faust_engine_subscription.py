@@ -223,6 +223,33 @@ async def test_stale_batch_acks_what_the_other_worker_covered_and_rereads_the_re
     assert len([r for _, r in store.audit if r.kind == "processed"]) == 2
 
 
+async def test_a_partition_skipped_in_a_stale_batch_is_still_acked() -> None:
+    class Raced(MemoryCheckpointStore):
+        async def commit(self, batch: CommitBatch) -> None:
+            if not self.commits:
+                self.offsets[("counter", IN1)] = 1  # another worker got there first
+                self.commits += 1
+                raise StaleBatchError("stored 1 >= batch start 0")
+            await super().commit(batch)
+
+    store = Raced()
+    store.offsets[("counter", IN0)] = 5
+    runner, sub, acks, _ = await started(store)
+    await sub.assign(frozenset({IN0, IN1}))
+    for tp, offsets in ((IN0, (3, 4)), (IN1, (0, 1))):
+        for offset in offsets:
+            await sub.offer(message(tp, offset))
+    await runner.run_once()
+    # The reload covered IN1 only; IN0's skipped messages were neither
+    # committed nor sought, and go out again with the next batch.
+    assert sorted(acks.handles) == [(1, 0), (1, 1)]
+    await runner.run_once()
+    assert sub.stats.redelivered == 2
+    assert sorted(acks.handles) == [(0, 3), (0, 4), (1, 0), (1, 1)]
+    assert runner.stats.skipped == 4  # IN0's two, twice
+    assert store.commits == 1  # the stale attempt only: nothing new to write
+
+
 async def test_partition_callbacks_wait_for_the_batch_in_hand() -> None:
     calls: list[str] = []
 
@@ -270,8 +297,10 @@ async def test_a_full_queue_holds_the_agent_back() -> None:
     third = asyncio.create_task(sub.offer(message(IN0, 2)))
     await asyncio.sleep(0.01)
     assert not third.done()
-    assert len(await sub.fetch(1, timeout=0)) == 1
+    taken = await sub.fetch(1, timeout=0)
+    assert len(taken) == 1
     await asyncio.wait_for(third, 1)
+    await sub.commit(taken)
     assert [m.offset for m in await sub.fetch(10, timeout=0)] == [1, 2]
 
 
