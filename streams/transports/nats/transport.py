@@ -1,0 +1,329 @@
+"""The NATS JetStream transport: :class:`NatsTransport`.
+
+It owns the connection, one stream per topic (created, checked, deleted),
+pipelined publishing with its acks counted per batch on one wildcard
+inbox, and ``subscribe``, which builds a :class:`NatsSubscription` with
+one partition reader per owned partition of each topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from streams.partitioning import partition_for
+from streams.transport import (
+    OutMessage,
+    PartitionsCallback,
+    StartFrom,
+    TopicPartition,
+    TransportError,
+)
+from streams.transports.nats.names import (
+    _ERR_STREAM_NAME_IN_USE,
+    _PREFIX_RE,
+    NatsTuning,
+    _check_topic,
+    consumer_name,
+    stream_name,
+    subject_for,
+)
+from streams.transports.nats.reader import _PartitionReader
+from streams.transports.nats.subscription import NatsSubscription
+from streams.transports.nats.wire import (
+    EVENT_ID_HEADER,
+    MSG_ID_HEADER,
+    _ack_failure,
+    _can_write_commands,
+    _check_size,
+    _hpub,
+    _PublishBatch,
+    _write_command,
+    encode_key,
+)
+
+# One logger for the whole transport, named as when it was one module.
+log = logging.getLogger("streams.transports.nats")
+
+
+class NatsTransport:
+    name = "nats"
+
+    def __init__(self, url: str, *, prefix: str, partitions: int, **tuning: Any) -> None:
+        if partitions <= 0:
+            raise ValueError(f"partitions must be positive, got {partitions}")
+        if not _PREFIX_RE.fullmatch(prefix):
+            # It is a subject token and part of stream names.
+            raise ValueError(f"prefix {prefix!r} may only hold letters, digits, '_' and '-'")
+        self.url = url
+        self.prefix = prefix
+        self.partitions = partitions
+        self.tuning = NatsTuning(**tuning)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._ack_prefix = ""
+        self._batches: dict[int, _PublishBatch] = {}
+        self._batch_ids = itertools.count(1)
+        self._last_error: BaseException | None = None
+        self._valid_topics: set[str] = set()
+
+    # -- connection ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+        nc = Client()
+        try:
+            await asyncio.wait_for(self._open(nc), self.tuning.connect_timeout)
+        except (TimeoutError, OSError, NatsError) as exc:
+            await self._abandon(nc)
+            cause = self._last_error or exc
+            raise TransportError(f"cannot connect to NATS at {self.url}: {cause!r}") from exc
+        js = nc.jetstream(timeout=self.tuning.api_timeout)
+        try:
+            await js.account_info()
+        except (NatsError, TimeoutError) as exc:
+            await self._abandon(nc)
+            raise TransportError(f"NATS at {self.url} has no JetStream: {exc!r}") from exc
+        # One wildcard inbox for all publish acks: a counter per batch is much
+        # cheaper than nats-py's future per message in publish_async.
+        self._ack_prefix = nc.new_inbox()
+        await nc.subscribe(f"{self._ack_prefix}.*.*", cb=self._on_publish_ack)
+        self._nc, self._js = nc, js
+
+    async def _open(self, nc: Client) -> None:
+        # nats-py retries an unreachable server forever during the first
+        # connect; the caller's wait_for bounds it.
+        await nc.connect(
+            servers=[self.url],
+            name=f"sluicegate-{self.prefix}",
+            connect_timeout=max(1, round(self.tuning.connect_timeout)),
+            max_reconnect_attempts=self.tuning.max_reconnect_attempts,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            drain_timeout=max(1, int(self.tuning.api_timeout)),
+            # Every subject we use is built from a checked prefix and topic;
+            # nats-py's per-publish regex checks cost ~10% of publish time.
+            skip_subject_validation=True,
+        )
+
+    async def _abandon(self, nc: Client) -> None:
+        try:
+            await asyncio.wait_for(nc.close(), self.tuning.api_timeout)
+        except Exception:  # already broken: nothing more to clean up
+            log.debug("closing a failed NATS connection to %s", self.url, exc_info=True)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = exc
+        log.warning("NATS %s: %r", self.url, exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None:  # not while close() drains
+            log.warning("NATS %s: disconnected", self.url)
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS %s: reconnected", self.url)
+
+    def _conn(self) -> tuple[Client, JetStreamContext]:
+        if self._nc is None or self._js is None or self._nc.is_closed:
+            raise TransportError(f"NATS transport for {self.url} is not connected")
+        return self._nc, self._js
+
+    async def close(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), self.tuning.api_timeout + 1)
+        except Exception:
+            log.debug("draining NATS %s failed; closing", self.url, exc_info=True)
+            await self._abandon(nc)
+
+    # -- topics -------------------------------------------------------------
+
+    async def ensure_topics(self, topics: Iterable[str]) -> None:
+        await asyncio.gather(*(self._ensure_stream(t) for t in dict.fromkeys(topics)))
+
+    async def delete_topics(self, topics: Iterable[str]) -> None:
+        _, js = self._conn()
+        for topic in dict.fromkeys(topics):
+            name = stream_name(self.prefix, topic)
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise TransportError(f"cannot delete stream {name} ({topic!r}): {exc}") from exc
+
+    def _stream_config(self, topic: str) -> StreamConfig:
+        t = self.tuning
+        return StreamConfig(
+            name=stream_name(self.prefix, topic),
+            subjects=[f"{self.prefix}.{topic}.*"],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            storage=StorageType.MEMORY if t.storage == "memory" else StorageType.FILE,
+            num_replicas=t.replicas,
+            duplicate_window=t.duplicate_window,
+            max_msg_size=t.max_msg_size,
+            max_age=t.max_age,
+            max_bytes=t.max_bytes,
+        )
+
+    async def _ensure_stream(self, topic: str) -> None:
+        _check_topic(topic)
+        _, js = self._conn()
+        name = stream_name(self.prefix, topic)
+        try:
+            await js.stream_info(name)
+            return
+        except NotFoundError:
+            pass
+        except (NatsError, TimeoutError) as exc:
+            raise TransportError(f"cannot look up stream {name} ({topic!r}): {exc}") from exc
+        try:
+            await js.add_stream(self._stream_config(topic))
+        except APIError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:  # else another worker won the race
+                raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
+
+    # -- publishing ---------------------------------------------------------
+
+    def _subject(self, message: OutMessage) -> str:
+        if message.topic not in self._valid_topics:
+            # Subjects go out unvalidated by nats-py: a space would break the protocol.
+            _check_topic(message.topic)
+            self._valid_topics.add(message.topic)
+        p = message.partition
+        if p is None:
+            p = partition_for(message.key, self.partitions)
+        elif not 0 <= p < self.partitions:
+            raise TransportError(
+                f"partition {p} of topic {message.topic!r} is outside 0..{self.partitions - 1}"
+            )
+        return f"{self.prefix}.{message.topic}.{p}"
+
+    @staticmethod
+    def _wire_headers(message: OutMessage) -> dict[str, str]:
+        headers = dict(message.headers) if message.headers else {}
+        if message.key is not None:
+            name, value = encode_key(message.key)
+            headers[name] = value
+        event_id = headers.get(EVENT_ID_HEADER)
+        if event_id:
+            # Deterministic event ids make re-produced outputs duplicates.
+            headers[MSG_ID_HEADER] = event_id
+        return headers
+
+    async def publish(self, message: OutMessage) -> None:
+        await self.publish_batch([message])
+
+    async def publish_batch(self, messages: Sequence[OutMessage]) -> None:
+        if not messages:
+            return
+        nc, _ = self._conn()
+        batch_id = next(self._batch_ids)
+        batch = _PublishBatch(messages)
+        self._batches[batch_id] = batch
+        try:
+            await self._send_batch(nc, batch, f"{self._ack_prefix}.{batch_id}.")
+            await batch.wait_until(0, self.tuning.publish_ack_timeout)
+        except NatsError as exc:
+            raise TransportError(
+                f"publish to topic {messages[0].topic!r} via {self.url} failed: {exc!r}"
+            ) from exc
+        finally:
+            del self._batches[batch_id]
+        if batch.error is not None:
+            raise TransportError(batch.error)
+
+    async def _send_batch(self, nc: Client, batch: _PublishBatch, reply_prefix: str) -> None:
+        t = self.tuning
+        max_payload = nc.max_payload
+        fast = t.fast_publish and _can_write_commands(nc)
+        for index, message in enumerate(batch.messages):
+            # A full window drains to half before sending resumes, so each
+            # wake-up sends a burst instead of one message per ack.
+            if batch.in_flight >= t.publish_window:
+                await batch.wait_until(t.publish_window // 2, t.publish_ack_timeout)
+            elif batch.in_flight_bytes >= t.publish_window_bytes and batch.in_flight > 0:
+                await batch.wait_until(batch.in_flight // 2, t.publish_ack_timeout)
+            if batch.error is not None:
+                return
+            headers = self._wire_headers(message)
+            if len(message.value) > max_payload // 2:  # headers alone are never that big
+                _check_size(message, headers, max_payload)
+            batch.on_sent(len(message.value))
+            # Core publish with a reply subject is a JetStream publish; the
+            # stream answers on the reply, which our wildcard inbox counts.
+            subject, reply = self._subject(message), f"{reply_prefix}{index}"
+            if fast and nc.is_connected and not nc.is_draining_pubs:
+                await _write_command(nc, _hpub(subject, reply, headers, message.value))
+            else:  # reconnecting or draining: nats-py's own checks apply
+                await nc.publish(subject, message.value, reply=reply, headers=headers)
+
+    async def _on_publish_ack(self, msg: Msg) -> None:
+        batch_token, _, index_token = msg.subject[len(self._ack_prefix) + 1 :].partition(".")
+        batch = self._batches.get(int(batch_token))
+        if batch is None:
+            return  # the batch already failed or timed out
+        # Success acks have neither headers nor an "error" member: skip parsing them.
+        failure = None if not msg.headers and b'"error"' not in msg.data else _ack_failure(msg)
+        batch.on_ack(int(index_token), failure)
+
+    # -- consuming ----------------------------------------------------------
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        group: str | None,
+        partitions: Sequence[int] | None = None,
+        start: StartFrom = "earliest",
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+    ) -> NatsSubscription:
+        nc, js = self._conn()
+        owned = range(self.partitions) if partitions is None else list(dict.fromkeys(partitions))
+        topics = list(dict.fromkeys(topics))
+        for p in owned:
+            if not 0 <= p < self.partitions:
+                raise TransportError(f"partition {p} is outside 0..{self.partitions - 1}")
+        for topic in topics:
+            _check_topic(topic)
+        sub = NatsSubscription(nc, js, self.tuning, group)
+        observer_id = uuid.uuid4().hex[:12]
+        readers = [
+            _PartitionReader(
+                sub,
+                TopicPartition(topic, p),
+                stream=stream_name(self.prefix, topic),
+                subject=subject_for(self.prefix, topic, p),
+                consumer=consumer_name(group, p) if group else f"obs-{observer_id}-p{p}",
+            )
+            for topic in topics
+            for p in owned
+        ]
+        try:
+            await asyncio.gather(*(r.open(start) for r in readers))
+            if on_assign is not None:
+                await on_assign(sub.assignment())
+        except BaseException:
+            await sub.close()
+            raise
+        sub.on_revoke = on_revoke  # only partitions that were assigned get revoked
+        return sub
