@@ -5,9 +5,6 @@ real StepRunner with a PostgresCheckpointStore in a throwaway schema), with
 timers around the runner's awaits: ``fetch``, ``publish_batch``, the store's
 ``commit``, and the broker ``commit``/ack. What is left of each batch is the
 runner's own Python work (decode, validate, process, encode, audit rows).
-With overlapped checkpoints (the default, as ``sluice run`` runs) publish,
-commit and ack run while the next batch is processed, so the phases add up
-to more than what they cost; ``--no-overlap`` gives the sequential breakdown.
 For a CPU profile of that remainder run it under py-spy::
 
     py-spy record -r 250 -f raw -o step.raw -- \\
@@ -67,7 +64,7 @@ async def main(args: argparse.Namespace) -> None:
         transport = make_transport(settings, args.transport)
         await transport.connect()
         store = await PostgresCheckpointStore.connect(url, schema=settings.db_schema)
-        config = RunnerConfig(batch_size=args.batch, overlap_commits=args.overlap)
+        config = RunnerConfig(batch_size=args.batch)
         runner = StepRunner(BenchGateStep(), transport, store, config=config)
         await runner.start()
         sub = runner._sub
@@ -79,8 +76,7 @@ async def main(args: argparse.Namespace) -> None:
         store.commit = timed(phases, "store.commit (Postgres)", store.commit)  # type: ignore[method-assign]
         started, cpu = time.perf_counter(), time.process_time()
         while runner.stats.processed < args.messages:
-            await (runner.pump() if args.overlap else runner.run_once())
-        await runner.drain()
+            await runner.run_once()
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         await runner.close()
         await store.close()
@@ -105,10 +101,4 @@ if __name__ == "__main__":
     parser.add_argument("--transport", choices=["nats", "kafka"], default="nats")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument(
-        "--no-overlap",
-        dest="overlap",
-        action="store_false",
-        help="checkpoint each batch before fetching the next (RunnerConfig.overlap_commits)",
-    )
     asyncio.run(main(parser.parse_args()))

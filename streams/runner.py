@@ -13,19 +13,11 @@ For each fetched batch (DESIGN.md, "The step runner and the commit protocol"):
    the last processed offset of every input partition;
 5. commit the offsets (Kafka) or ack (NATS).
 
-Steps 3-5 of batch k (publish, Postgres, ack) run while batch k+1 is
-fetched and processed (``overlap_commits``, on by default): on two cores the
-Postgres commit and the broker's acks are mostly waiting, and the next batch's
-Python work fills that wait. Batch k+1 reads k's state changes and seen ids
-from k's batch until k commits; its own steps 3-5 start only after k's have
-finished, so outputs, checkpoints and acks stay in order. When k's checkpoint
-fails, both batches are rewound; when k turns out stale, k+1 (computed on
-k's state) is dropped and read again. At most two batches are held, so a
-slow broker or Postgres slows consumption instead of growing memory.
-
-State lives in memory for the owned partitions as canonical JSON bytes,
-loaded from the store on assignment; a step gets a fresh dict per event, so a
-failed attempt leaves no trace and a change is detected by comparing bytes.
+The loop handles one batch at a time, so a slow broker or Postgres slows
+consumption instead of growing memory. State lives in memory for the owned
+partitions as canonical JSON bytes, loaded from the store on assignment; a
+step gets a fresh dict per event, so a failed attempt leaves no trace and a
+change is detected by comparing bytes.
 """
 
 from __future__ import annotations
@@ -88,10 +80,6 @@ class RunnerConfig:
     crash_after_commits: int | None = None
     # Consecutive broker/store failures run() rides out before giving up.
     max_consecutive_failures: int = 12
-    # run(): checkpoint batch k while batch k+1 is processed (module docstring).
-    # Off for subscriptions that must see each batch settled before the next
-    # fetch (the Faust engine's).
-    overlap_commits: bool = True
 
 
 @dataclass(slots=True)
@@ -142,18 +130,6 @@ class _Poison(Exception):
         self.error = error
 
 
-@dataclass(slots=True)
-class _Prepared:
-    """A processed batch whose outputs, checkpoint and ack are still to be done."""
-
-    messages: Sequence[Message]
-    batch: CommitBatch
-    produce: list[OutMessage]
-    # Input ids this batch processed, per partition: seen once it commits.
-    pending_ids: dict[int, set[str]]
-    started: float
-
-
 class StepRunner:
     """Runs one step over its input topics until ``stop`` is set."""
 
@@ -188,9 +164,6 @@ class StepRunner:
         self._has_tick = callable(getattr(processor, "tick", None))
         self._last_tick = 0.0
         self._pending_ids: dict[int, set[str]] = {}
-        # The batch whose checkpoint is in flight (overlap_commits) and its task.
-        self._inflight: _Prepared | None = None
-        self._finishing: asyncio.Task[bool] | None = None
         # Observability: the tracer is read once per batch, so with tracing
         # off no event pays more than one ``is None`` check (streams.tracing).
         self._tracer: tracing.Tracer | None = None
@@ -213,19 +186,18 @@ class StepRunner:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process batches until ``stop`` is set; the batches in hand are finished first."""
+        """Process batches until ``stop`` is set; the batch in hand is finished first."""
         if self._sub is None:
             await self.start()
-        once = self.pump if self.config.overlap_commits else self.run_once
         failures = 0
         try:
             while not stop.is_set():
                 try:
-                    await once()
+                    await self.run_once()
                     failures = 0
                 except (TransportError, OSError, StoreUnavailableError) as exc:
                     # A broker hiccup or a rebalance error must not end the
-                    # worker; the batches in hand were rewound.
+                    # worker; the batch in hand was rewound (handle_batch).
                     failures += 1
                     if failures >= self.config.max_consecutive_failures:
                         raise
@@ -239,77 +211,18 @@ class StepRunner:
                     )
                     await asyncio.sleep(delay)
         finally:
-            try:
-                await self.drain()
-            finally:
-                await self.close()
+            await self.close()
 
     async def run_once(self) -> int:
         """Fetch and fully handle one batch; returns how many messages it held."""
         assert self._sub is not None, "call start() first"
-        await self.drain()
         messages = await self._sub.fetch(self.config.batch_size, self.config.fetch_timeout_s)
         if messages:
             await self.handle_batch(messages)
-        await self._maybe_tick()
-        return len(messages)
-
-    async def pump(self) -> int:
-        """Fetch and process one batch while the previous one's checkpoint is in flight.
-
-        Returns how many messages it fetched. The batch's outputs, checkpoint
-        and ack start when the previous batch's have finished and are still
-        running on return; :meth:`drain` waits for them.
-        """
-        assert self._sub is not None, "call start() first"
-        messages = await self._sub.fetch(self.config.batch_size, self.config.fetch_timeout_s)
-        prepared = await self._prepare(messages) if messages else None
-        held = self._inflight.batch.offsets if self._inflight is not None else {}
-        try:
-            settled = await self.drain()
-        except BaseException:
-            if prepared is not None:
-                # Computed on the failed batch's state: read it again after the
-                # failed batch (which _finish rewound, to earlier offsets).
-                await self._rewind(prepared.messages, keep=held)
-            raise
-        if prepared is not None:
-            if not settled:
-                # The previous batch was stale and its partitions reloaded;
-                # this one was computed on the state it assumed.
-                await self._rewind(prepared.messages, keep=held)
-                return len(messages)
-            self._inflight = prepared
-            self._finishing = asyncio.create_task(
-                self._finish(prepared), name=f"checkpoint {self.processor.name}"
-            )
-        if self._tick_due():
-            await self.drain()  # a tick reads and commits the settled state
-            await self._maybe_tick()
-        return len(messages)
-
-    async def drain(self) -> bool:
-        """Wait for the batch whose checkpoint is in flight, if any.
-
-        Returns False when that batch was stale (dropped and its partitions
-        reloaded); raises what its checkpoint raised, after rewinding it.
-        """
-        task = self._finishing
-        if task is None:
-            return True
-        try:
-            return await task
-        finally:
-            self._finishing = None
-            self._inflight = None
-
-    def _tick_due(self) -> bool:
-        return self._has_tick and time.monotonic() - self._last_tick >= self.config.tick_interval_s
-
-    async def _maybe_tick(self) -> None:
-        if self._tick_due():
+        if self._has_tick and time.monotonic() - self._last_tick >= self.config.tick_interval_s:
             self._last_tick = time.monotonic()
             await self.tick()
+        return len(messages)
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -362,23 +275,15 @@ class StepRunner:
     # -- the batch ---------------------------------------------------------
 
     async def handle_batch(self, messages: Sequence[Message]) -> None:
-        await self._finish(await self._prepare(messages))
-
-    async def _prepare(self, messages: Sequence[Message]) -> _Prepared:
-        """Steps 1-2: skip, dedupe, decode and process; nothing leaves the process."""
         started = time.perf_counter()
+        batch = CommitBatch(step=self.processor.name)
+        produce: list[OutMessage] = []
         # State and seen ids change in this overlay until the store has
         # committed, so a failed commit leaves memory equal to Postgres.
-        prepared = _Prepared(messages, CommitBatch(step=self.processor.name), [], {}, started)
-        self._pending_ids = prepared.pending_ids
+        self._pending_ids = {}
         self._tracer = tracing.tracer()
         for msg in messages:
-            await self._handle_message(msg, prepared.batch, prepared.produce)
-        return prepared
-
-    async def _finish(self, prepared: _Prepared) -> bool:
-        """Steps 3-5: produce, checkpoint, ack. False when the batch was stale and dropped."""
-        batch, produce, messages = prepared.batch, prepared.produce, prepared.messages
+            await self._handle_message(msg, batch, produce)
         try:
             if produce:
                 await self.transport.publish_batch(produce)
@@ -392,7 +297,7 @@ class StepRunner:
             log.warning("%s: stale batch, reloading: %s", self.processor.name, exc)
             self.stats.stale_batches += 1
             await self._reload(batch.offsets.keys())
-            return False
+            return
         except Exception as exc:
             # Nothing of this batch is checkpointed: rewind so it is fetched
             # again, and let run() back off and retry.
@@ -401,7 +306,7 @@ class StepRunner:
                 raise
             raise StoreUnavailableError(f"checkpoint commit failed: {exc}") from exc
         if not batch.is_empty():
-            self._apply(batch, prepared.pending_ids)
+            self._apply(batch)
             self._maybe_crash()
         if self._sub is not None:
             try:
@@ -410,7 +315,7 @@ class StepRunner:
                 # Postgres already holds the progress; a restart seeks from it.
                 log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
         self.stats.batches += 1
-        self.stats.last_batch_s = time.perf_counter() - prepared.started
+        self.stats.last_batch_s = time.perf_counter() - started
         self._metrics.batch_done(
             batch.audit,
             len(produce),
@@ -419,23 +324,14 @@ class StepRunner:
             messages,
             self._sub,
         )
-        return True
 
-    async def _rewind(
-        self, messages: Sequence[Message], *, keep: Mapping[TopicPartition, object] = {}
-    ) -> None:
-        """Seek each partition of ``messages`` back to its first message.
-
-        ``keep``: partitions to leave alone, those of the batch before, whose
-        own rewind or reload put them at an earlier offset already.
-        """
+    async def _rewind(self, messages: Sequence[Message]) -> None:
         self._pending_ids = {}
         if self._sub is None:
             return
         first: dict[TopicPartition, int] = {}
         for msg in messages:
-            if msg.tp not in keep:
-                first[msg.tp] = min(first.get(msg.tp, msg.offset), msg.offset)
+            first[msg.tp] = min(first.get(msg.tp, msg.offset), msg.offset)
         for tp, offset in first.items():
             try:
                 await self._sub.seek(tp, offset)
@@ -465,14 +361,14 @@ class StepRunner:
                 log.warning("%s: checkpoint commit failed, retrying: %s", self.processor.name, exc)
                 await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
 
-    def _apply(self, batch: CommitBatch, pending_ids: dict[int, set[str]]) -> None:
+    def _apply(self, batch: CommitBatch) -> None:
         """Make the committed batch the runner's in-memory truth."""
         for tp, (_first, last) in batch.offsets.items():
             self._offsets[tp] = last
         for (partition, key), blob in batch.states.items():
             self._states[key] = blob
             self._state_partition[key] = partition
-        for partition, ids in pending_ids.items():
+        for partition, ids in self._pending_ids.items():
             seen = self._dedupe.setdefault(partition, _Dedupe(self.config.dedupe_window))
             for event_id in ids:
                 seen.add(event_id)
@@ -491,9 +387,6 @@ class StepRunner:
     ) -> None:
         tp = msg.tp
         done = self._offsets.get(tp)
-        inflight = self._inflight
-        if inflight is not None and tp in inflight.batch.offsets:
-            done = inflight.batch.offsets[tp][1]  # later than the settled offset
         if done is not None and msg.offset <= done:
             self.stats.skipped += 1
             return
@@ -503,9 +396,8 @@ class StepRunner:
 
         dedupe = self._dedupe.setdefault(msg.partition, _Dedupe(self.config.dedupe_window))
         pending = self._pending_ids.setdefault(msg.partition, set())
-        held = inflight.pending_ids.get(msg.partition, ()) if inflight is not None else ()
         event_id = msg.headers.get("ce_id")
-        if event_id is not None and (event_id in dedupe or event_id in pending or event_id in held):
+        if event_id is not None and (event_id in dedupe or event_id in pending):
             self.stats.duplicates += 1
             return
         try:
@@ -513,7 +405,7 @@ class StepRunner:
         except DecodeError as exc:
             self._dead_letter(msg, batch, produce, exc.reason, exc, event=None)
             return
-        if event.id in dedupe or event.id in pending or event.id in held:
+        if event.id in dedupe or event.id in pending:
             self.stats.duplicates += 1
             return
         pending.add(event.id)
@@ -570,11 +462,7 @@ class StepRunner:
         encoded (too large, not JSON) dead-letters its input like any step error.
         """
         key = StateKey(event.tenant, event.session)
-        before = batch.states.get((partition, key))
-        if before is None and self._inflight is not None:
-            before = self._inflight.batch.states.get((partition, key))
-        if before is None:
-            before = self._states.get(key)
+        before = batch.states.get((partition, key)) or self._states.get(key)
         attempt = 0
         while True:
             attempt += 1
@@ -713,7 +601,8 @@ class StepRunner:
             await self.transport.publish_batch([_to_wire(o) for o in outputs])
         if not batch.is_empty():
             await self._commit_with_retry(batch)
-            self._apply(batch, {})
+            self._pending_ids = {}
+            self._apply(batch)
 
 
 # Checkpoint commits of every runner in this process (for crash_after_commits).

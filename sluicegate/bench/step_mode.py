@@ -154,20 +154,15 @@ async def bare_loop(
 async def step_loop(
     runner: StepRunner, n: int, timeout_s: float, progress: Progress
 ) -> tuple[Marks, dict[str, Any]]:
-    """The runner's own batches, as ``run`` drives them, until every input is committed.
-
-    With overlapped checkpoints a batch counts when it is processed; the last
-    mark waits for the last commit.
-    """
+    """The runner's own batches (``run_once``) until every input is handled."""
     await runner.start()
     deadline = _Deadline(timeout_s, "step runner")
     stats = runner.stats
     marks: Marks = [(0, time.monotonic_ns())]
-    once = runner.pump if runner.config.overlap_commits else runner.run_once
     done = 0
     try:
         while done < n:
-            got = await once()
+            got = await runner.run_once()
             if not got:
                 deadline.check(done, n)
                 continue
@@ -175,8 +170,6 @@ async def step_loop(
             marks.append((now_done, time.monotonic_ns()))
             progress(now_done - done)
             done = now_done
-        await runner.drain()
-        marks[-1] = (done, time.monotonic_ns())
     finally:
         await runner.close()
     summary = {

@@ -18,7 +18,6 @@ stops (committing what was acked and leaving the group).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -65,9 +64,7 @@ async def run_faust_steps(
     if settings.transport != "kafka":
         raise TransportError(f"the Faust engine runs on Kafka only, not {settings.transport}")
     await require_migrated(settings)
-    # The Faust subscription hands out a batch only once the one before it is
-    # settled (acked to Faust or sought past): no overlapped checkpoints.
-    config = dataclasses.replace(config or RunnerConfig(), overlap_commits=False)
+    config = config or RunnerConfig()
     names = [step.name for step in steps]
     pipeline = list(all_steps) if all_steps is not None else names
     admin = KafkaTransport(
