@@ -224,7 +224,11 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     show_default=True,
     help="Seconds one case may take (pipeline mode: after its last task was due).",
 )
-@click.option("--no-faust", is_flag=True, help="Step mode: skip the Faust run on Kafka.")
+@click.option(
+    "--no-faust",
+    is_flag=True,
+    help="Step mode: skip the Faust runs (plain agent and engine) on Kafka.",
+)
 @click.option("--faust-timeout", "faust_timeout_s", type=click.FloatRange(min=1), default=120.0)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -294,7 +298,7 @@ def _total(mode: str, options: BenchOptions) -> int:
         return options.messages * len(options.sizes) * cases_per_size(options.kinds)
     if mode == "pipeline":
         return options.messages * len(options.kinds)  # one result per task per transport
-    faust_runs = 1 if options.faust and "kafka" in options.kinds else 0
+    faust_runs = 2 if options.faust and "kafka" in options.kinds else 0  # agent and engine
     return options.messages * (2 * len(options.kinds) + faust_runs)
 
 

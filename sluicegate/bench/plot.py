@@ -76,12 +76,13 @@ def _step_figure(report: Mapping[str, Any]) -> Any:
     series = (
         ("bare loop", "baseline_msgs_per_s"),
         ("step (StepRunner + Postgres)", "step_msgs_per_s"),
-        ("Faust", "faust_msgs_per_s"),
+        ("Faust agent", "faust_msgs_per_s"),
+        ("our Faust engine", "faust_engine_msgs_per_s"),
     )
-    width = 0.27
+    width = 0.2
     for i, (label, field) in enumerate(series):
         values = [report["transports"][k].get(field) or 0.0 for k in keys]
-        ax.bar([x + (i - 1) * width for x in range(len(keys))], values, width, label=label)
+        ax.bar([x + (i - 1.5) * width for x in range(len(keys))], values, width, label=label)
     ax.set_xticks(list(range(len(keys))), keys)
     ax.set_ylabel("messages/s")
     ax.set_title("One stateful step beside a bare consume→produce loop")

@@ -5,7 +5,8 @@ built here, so they always agree. Contract fields (DESIGN.md, "The CLI
 contract"): one object per transport under ``transports``, with
 ``throughput_msgs_per_s``, ``baseline_msgs_per_s`` and ``latency_ms``
 (``p50``, ``p99``, ``p999``) in transport mode, and ``step_msgs_per_s``,
-``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` on Kafka) in step mode,
+``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` and
+``faust_engine_msgs_per_s`` on Kafka) in step mode,
 and ``tasks_per_s`` and ``latency_ms`` in pipeline mode.
 Everything else is extra detail and may grow.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sluicegate.bench.step_mode import BUDGET_RATIO, FAUST_BUDGET_RATIO, StepResult
+from sluicegate.bench.step_mode import BUDGET_RATIO, FAUST_BUDGET_RATIO, FaustResult, StepResult
 from sluicegate.bench.transport_mode import CaseResult, TransportRow
 
 if TYPE_CHECKING:  # only its attributes are read: rendering needs no pipeline imports
@@ -120,13 +121,25 @@ def step_object(result: StepResult) -> dict[str, Any]:
         obj["faust_msgs_per_s"] = round(faust.msgs_per_s, 1) if faust.error is None else None
         obj["native_vs_faust"] = versus if faust.error is None else None
         obj["faust_budget_ratio"] = FAUST_BUDGET_RATIO
-        obj["faust"] = {
-            "received": faust.received,
-            "startup_s": round(faust.startup_s, 2),
-            "settings": faust.settings,
-            "error": faust.error,
-        }
+        obj["faust"] = _faust_detail(faust)
+    engine = result.faust_engine
+    if engine is not None:
+        ok = engine.error is None
+        obj["faust_engine_msgs_per_s"] = round(engine.msgs_per_s, 1) if ok else None
+        obj["native_vs_faust_engine"] = (
+            _ratio(result.step_msgs_per_s, engine.msgs_per_s) if ok else None
+        )
+        obj["faust_engine"] = _faust_detail(engine)
     return obj
+
+
+def _faust_detail(faust: FaustResult) -> dict[str, Any]:
+    return {
+        "received": faust.received,
+        "startup_s": round(faust.startup_s, 2),
+        "settings": faust.settings,
+        "error": faust.error,
+    }
 
 
 def build_step_report(results: Sequence[StepResult], meta: Mapping[str, Any]) -> Report:
@@ -299,6 +312,12 @@ def _pipeline_table(report: Mapping[str, Any]) -> str:
     return "\n".join([title, _grid(_PIPELINE_HEADER, lines), *notes])
 
 
+def _ratio_text(value: float | None, present: bool) -> str:
+    if value is not None:
+        return f"{value:.2f}"
+    return "-" if present else ""
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     """The report as a plain-text table (one per mode)."""
     if report["mode"] == "pipeline":
@@ -322,6 +341,8 @@ def render_table(report: Mapping[str, Any]) -> str:
         "faust/s",
         "step/faust",
         "budget",
+        "faust engine/s",
+        "step/engine",
     )
     lines = []
     for key, obj in report["transports"].items():
@@ -342,9 +363,13 @@ def render_table(report: Mapping[str, Any]) -> str:
                 _n(faust) if "faust" in obj else "",
                 f"{versus:.2f}" if versus is not None else ("-" if "faust" in obj else ""),
                 f">={obj['faust_budget_ratio']:g} {faust_verdict}" if faust_verdict else "",
+                _n(obj.get("faust_engine_msgs_per_s")) if "faust_engine" in obj else "",
+                _ratio_text(obj.get("native_vs_faust_engine"), "faust_engine" in obj),
             ]
         )
-        for problem in (obj.get("error"), (obj.get("faust") or {}).get("error")):
+        problems = [obj.get("error")]
+        problems += [(obj.get(k) or {}).get("error") for k in ("faust", "faust_engine")]
+        for problem in problems:
             if problem:
                 lines.append([f"  ! {problem}", *[""] * (len(header) - 1)])
     messages = report.get("settings", {}).get("messages", "?")

@@ -12,7 +12,10 @@ actions, published before any clock starts):
   output, one decision audit row, one checkpoint transaction per batch;
 - ``faust`` (Kafka only): the same step as a Faust agent with a Table, in a
   child process (``benchmarks/faust_step.py``), timed by an observer on its
-  output topic from the first output to the last.
+  output topic from the first output to the last;
+- ``faust_engine`` (Kafka only): the same step on sluicegate's Faust engine
+  (``sluice run --engine faust``: Faust consumes, our runner checkpoints to
+  Postgres), timed the same way (``sluicegate.bench.faust_engine_run``).
 
 Each reader is its own consumer group on its own connection, run one after
 another. Rates exclude the warm-up, like the transport mode.
@@ -78,6 +81,7 @@ class StepResult:
     step_msgs_per_s: float = 0.0
     baseline_msgs_per_s: float = 0.0
     faust: FaustResult | None = None
+    faust_engine: FaustResult | None = None
     runner_stats: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 0
     error: str | None = None
@@ -327,6 +331,9 @@ async def run_step_case(
 
         if kind == "kafka" and faust:
             result.faust = await faust_run(settings, n, faust_timeout_s, progress)
+            from sluicegate.bench.faust_engine_run import faust_engine_run
+
+            result.faust_engine = await faust_engine_run(settings, n, faust_timeout_s, progress)
     except TimeoutError as exc:
         result.error = str(exc)
     finally:

@@ -134,5 +134,11 @@ def test_step_mode_with_faust(
     assert kafka["faust"]["error"] is None, kafka["faust"]
     assert kafka["faust_msgs_per_s"] > 0
     assert kafka["faust"]["settings"]["broker_session_timeout"] == 10.0
+    # Our Faust engine: the same step, Faust consuming, our runner checkpointing.
+    assert kafka["faust_engine"]["error"] is None, kafka["faust_engine"]
+    assert kafka["faust_engine"]["received"] == 2000
+    assert kafka["faust_engine_msgs_per_s"] > 0
+    assert kafka["native_vs_faust_engine"] > 0
     assert "faust_msgs_per_s" not in report["transports"]["nats"]
+    assert "faust_engine" not in report["transports"]["nats"]
     assert leftover_streams(nats_url, prefix) == []

@@ -63,6 +63,7 @@ def step_report() -> dict[str, Any]:
     kafka.faust = FaustResult(
         msgs_per_s=700, received=2000, settings={"broker_session_timeout": 10}
     )
+    kafka.faust_engine = FaustResult(msgs_per_s=1400, received=2000)
     return build_step_report([nats, kafka], META)
 
 
@@ -101,6 +102,9 @@ def test_step_json_has_the_contract_fields() -> None:
     assert kafka["native_vs_faust"] == 5.0
     assert kafka["within_budget"] is True
     assert kafka["faust"]["settings"] == {"broker_session_timeout": 10}
+    assert kafka["faust_engine_msgs_per_s"] == 1400
+    assert kafka["native_vs_faust_engine"] == 2.5
+    assert "faust_engine" not in nats
 
 
 def test_transport_table_lists_every_client_and_ratio() -> None:
@@ -118,6 +122,20 @@ def test_step_table_shows_ratios_and_budget_verdicts() -> None:
     kafka_line = next(line for line in table.splitlines() if line.startswith("kafka"))
     assert "0.25" in nats_line and "MISSED" in nats_line
     assert "0.70" in kafka_line and "5.00" in kafka_line and "MISSED" not in kafka_line
+    assert "1,400" in kafka_line and "2.50" in kafka_line
+    assert "faust engine/s" in table.splitlines()[1]
+
+
+def test_a_failed_faust_engine_run_shows_its_error() -> None:
+    report = step_report()
+    kafka = report["transports"]["kafka"]
+    assert kafka["faust_engine"]["error"] is None
+    broken = StepResult("kafka", 2000, 1000, step_msgs_per_s=3500, baseline_msgs_per_s=5000)
+    broken.faust_engine = FaustResult(error="faust engine: 10 of 2000 messages in 60s")
+    obj = build_step_report([broken], META)["transports"]["kafka"]
+    assert obj["faust_engine_msgs_per_s"] is None and obj["native_vs_faust_engine"] is None
+    table = render_table(build_step_report([broken], META))
+    assert "! faust engine: 10 of 2000 messages in 60s" in table
 
 
 def test_errors_show_in_the_table() -> None:
