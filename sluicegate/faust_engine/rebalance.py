@@ -13,8 +13,8 @@ fetching. The bridge hooks the two signals:
   new partitions from Postgres (``on_assign``; the table is recovered by then,
   so the state mirror can be compared), and the bridge commits, for every
   assigned input partition, the offset after Postgres's last processed one
-  (0 where Postgres has none) to the group. Faust's seek that follows lands
-  exactly there.
+  (0 where Postgres has none) to the group, and seeks the consumer there
+  (Faust's own seek that follows skips offset 0).
 
 So Postgres decides where processing resumes, as on the native engine, and
 Faust's own timed commits (which may run ahead of Postgres when Faust acks
@@ -90,3 +90,11 @@ class RebalanceBridge:
             # Only when the group rebalanced meanwhile: the next
             # rebalance-complete commits again before its seek.
             log.warning("Postgres offsets not committed to the group (rebalancing again)")
+            return
+        # Faust's own seek to the committed offsets (next, in its recovery)
+        # goes through aiokafka's seek_to_committed, which skips a committed
+        # offset of 0: a partition Postgres has nothing of would resume
+        # wherever the consumer stood. Seen after a crash: an input partition
+        # resumed 53 messages in, and those 53 were never processed. So the
+        # bridge seeks every partition itself, 0 included.
+        await consumer.seek_wait(offsets)
