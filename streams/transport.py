@@ -145,3 +145,14 @@ class Transport(Protocol):
 
 def partition_of(transport: Transport, key: bytes | None) -> int:
     return partition_for(key, transport.partitions)
+
+
+def target_partition(message: OutMessage, partitions: int) -> int:
+    """Where ``message`` goes: its own partition, checked, or ``partition_for(key)``."""
+    if message.partition is None:
+        return partition_for(message.key, partitions)
+    if not 0 <= message.partition < partitions:
+        raise TransportError(
+            f"topic {message.topic!r} has no partition {message.partition} (it has {partitions})"
+        )
+    return message.partition

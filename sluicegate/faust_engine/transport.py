@@ -27,7 +27,6 @@ from faust.types import TP
 
 from sluicegate.faust_engine.app import KafkaNames
 from sluicegate.faust_engine.subscription import FaustSubscription
-from streams.partitioning import partition_for
 from streams.transport import (
     Message,
     OutMessage,
@@ -35,6 +34,7 @@ from streams.transport import (
     StartFrom,
     TopicPartition,
     TransportError,
+    target_partition,
 )
 from streams.transports.kafka import KafkaTransport
 
@@ -97,7 +97,7 @@ class FaustTransport:
                     self.names.kafka(m.topic),
                     m.key,
                     m.value,
-                    self._partition_of(m),
+                    target_partition(m, self.partitions),
                     None,
                     _headers(m.headers),
                 )
@@ -112,16 +112,6 @@ class FaustTransport:
                 f"publishing to topic {first.topic!r} through Faust's producer failed "
                 f"({len(failed)} of {len(pending)} messages): {error!r}"
             )
-
-    def _partition_of(self, message: OutMessage) -> int:
-        if message.partition is None:
-            return partition_for(message.key, self.partitions)
-        if not 0 <= message.partition < self.partitions:
-            raise TransportError(
-                f"topic {message.topic!r} has no partition {message.partition} "
-                f"(it has {self.partitions})"
-            )
-        return message.partition
 
     # -- consuming -----------------------------------------------------------------
 

@@ -43,3 +43,13 @@ def test_owned_partitions_cover_all_exactly_once() -> None:
     assert sorted(p for ps in parts for p in ps) == list(range(8))
     with pytest.raises(ValueError, match="instance 3"):
         owned_partitions(3, 3, 8)
+
+
+def test_a_message_goes_to_its_own_partition_or_its_keys() -> None:
+    from streams.transport import OutMessage, TransportError, target_partition
+
+    assert target_partition(OutMessage("t", b"", key=b"s1"), 6) == partition_for(b"s1", 6)
+    assert target_partition(OutMessage("t", b"", key=b"s1", partition=5), 6) == 5
+    for bad in (6, -1):
+        with pytest.raises(TransportError, match=f"topic 't' has no partition {bad}"):
+            target_partition(OutMessage("t", b"", partition=bad), 6)

@@ -22,8 +22,13 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from streams.partitioning import partition_for
-from streams.transport import OutMessage, PartitionsCallback, StartFrom, TransportError
+from streams.transport import (
+    OutMessage,
+    PartitionsCallback,
+    StartFrom,
+    TransportError,
+    target_partition,
+)
 from streams.transports.kafka.clients import (
     _ADMIN_OPTIONS,
     _CLIENT_OPTIONS,
@@ -254,7 +259,7 @@ class KafkaTransport:
         sent: list[tuple[_Slot, Any]] = []
         open_batches: dict[_Slot, Any] = {}
         for m in messages:
-            slot = (m.topic, self._partition_of(m))
+            slot = (m.topic, target_partition(m, self.partitions))
             headers = _encode_headers(m.headers)
             batch = open_batches.get(slot)
             if (
@@ -278,16 +283,6 @@ class KafkaTransport:
             return await producer.send_batch(batch, self._names.kafka(topic), partition=partition)
         except (KafkaError, AssertionError) as exc:
             raise _error(f"publishing to topic {topic!r} on {self.bootstrap}", exc) from exc
-
-    def _partition_of(self, message: OutMessage) -> int:
-        if message.partition is None:
-            return partition_for(message.key, self.partitions)
-        if not 0 <= message.partition < self.partitions:
-            raise TransportError(
-                f"topic {message.topic!r} has no partition {message.partition} "
-                f"(it has {self.partitions})"
-            )
-        return message.partition
 
     # -- consuming ---------------------------------------------------------
 

@@ -22,13 +22,13 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from streams.partitioning import partition_for
 from streams.transport import (
     OutMessage,
     PartitionsCallback,
     StartFrom,
     TopicPartition,
     TransportError,
+    target_partition,
 )
 from streams.transports.nats.names import (
     _ERR_STREAM_NAME_IN_USE,
@@ -208,14 +208,7 @@ class NatsTransport:
             # Subjects go out unvalidated by nats-py: a space would break the protocol.
             _check_topic(message.topic)
             self._valid_topics.add(message.topic)
-        p = message.partition
-        if p is None:
-            p = partition_for(message.key, self.partitions)
-        elif not 0 <= p < self.partitions:
-            raise TransportError(
-                f"partition {p} of topic {message.topic!r} is outside 0..{self.partitions - 1}"
-            )
-        return f"{self.prefix}.{message.topic}.{p}"
+        return f"{self.prefix}.{message.topic}.{target_partition(message, self.partitions)}"
 
     @staticmethod
     def _wire_headers(message: OutMessage) -> dict[str, str]:
