@@ -18,7 +18,13 @@ import time
 from typing import ClassVar
 
 from sluicegate.bench.latency import warmup_count
-from sluicegate.bench.step_mode import FaustResult, Marks, Progress, _Deadline, rate_after_warmup
+from sluicegate.bench.step_mode import (
+    FaustResult,
+    Progress,
+    _Deadline,
+    observe_outputs,
+    rate_after_warmup,
+)
 from sluicegate.bench.step_work import OUTPUT_TYPE, BenchGateStep, decide
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
@@ -63,19 +69,16 @@ async def faust_engine_run(
         worker = asyncio.create_task(
             run_faust_steps([FaustEngineBenchStep()], settings, stop=stop, config=config)
         )
-        marks: Marks = []
-        deadline = _Deadline(timeout_s, "faust engine")
-        while result.received < n:
-            messages = await observer.fetch(1000, 0.25)
-            if messages:
-                result.received += len(messages)
-                marks.append((result.received, time.monotonic_ns()))
-                progress(len(messages))
-            elif worker.done():
-                worker.result()  # raises what stopped it
+        running = worker
+
+        def alive() -> None:
+            if running.done():
+                running.result()  # raises what stopped it
                 raise RuntimeError("the Faust engine stopped before its last output")
-            else:
-                deadline.check(result.received, n)
+
+        marks = await observe_outputs(
+            observer, result, n, _Deadline(timeout_s, "faust engine"), progress, alive
+        )
         await observer.close()
         if marks:
             result.startup_s = (marks[0][1] - started) / 1e9

@@ -47,7 +47,7 @@ from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings, TransportName
 from streams.codec import encode, headers_for
 from streams.runner import RunnerConfig, StepRunner
-from streams.transport import OutMessage, Transport
+from streams.transport import OutMessage, Subscription, Transport
 
 Progress = Callable[[int], object]
 
@@ -228,18 +228,15 @@ async def faust_run(
                 stdout=log,
                 stderr=log,
             )
-        marks: Marks = []
-        deadline = _Deadline(timeout_s, "faust")
-        while result.received < n:
-            messages = await observer.fetch(1000, 0.25)
-            if messages:
-                result.received += len(messages)
-                marks.append((result.received, time.monotonic_ns()))
-                progress(len(messages))
-            elif proc.returncode is not None:
-                raise RuntimeError(f"the Faust worker exited with {proc.returncode}")
-            else:
-                deadline.check(result.received, n)
+        running = proc
+
+        def alive() -> None:
+            if running.returncode is not None:
+                raise RuntimeError(f"the Faust worker exited with {running.returncode}")
+
+        marks = await observe_outputs(
+            observer, result, n, _Deadline(timeout_s, "faust"), progress, alive
+        )
         await observer.close()
         if marks:
             result.startup_s = (marks[0][1] - spawned) / 1e9
@@ -256,6 +253,31 @@ async def faust_run(
         if result.error is None:
             shutil.rmtree(workdir, ignore_errors=True)  # else keep the log for a look
     return result
+
+
+async def observe_outputs(
+    observer: Subscription,
+    result: FaustResult,
+    n: int,
+    deadline: _Deadline,
+    progress: Progress,
+    alive: Callable[[], None],
+) -> Marks:
+    """Count ``n`` outputs on ``observer`` into ``result``.
+
+    ``alive`` raises when whatever produces them has died.
+    """
+    marks: Marks = []
+    while result.received < n:
+        messages = await observer.fetch(1000, 0.25)
+        if messages:
+            result.received += len(messages)
+            marks.append((result.received, time.monotonic_ns()))
+            progress(len(messages))
+        else:
+            alive()
+            deadline.check(result.received, n)
+    return marks
 
 
 async def _stop(proc: asyncio.subprocess.Process, grace_s: float = 10.0) -> None:
