@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.services import SESSION_PREFIXES, configured, new_prefix, require_reachable
 
@@ -147,3 +148,14 @@ async def make_transport(
     yield factory
     for t in reversed(made):
         await t.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def metric_reader() -> Iterator[InMemoryMetricReader]:
+    """Metrics of ``streams.metrics`` collected in memory for one test."""
+    from streams import metrics
+
+    reader = InMemoryMetricReader()
+    metrics.configure(readers=[reader])
+    yield reader
+    metrics.shutdown()

@@ -38,19 +38,6 @@ def run_bench(
     )
 
 
-@pytest.fixture
-def bench_env(
-    nats_url: str, kafka_bootstrap: str, database_url: str, prefix: str
-) -> dict[str, str]:
-    return {
-        "SLUICE_NATS_URL": nats_url,
-        "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SLUICE_DATABASE_URL": database_url,
-        "SLUICE_TOPIC_PREFIX": prefix,
-        "SLUICE_PARTITIONS": "3",
-    }
-
-
 def leftover_streams(url: str, prefix: str) -> list[str]:
     # Deleting what is left both checks and tidies: the bench should leave nothing.
     return asyncio.run(delete_nats_streams(url, prefix))

@@ -26,19 +26,6 @@ pytestmark = pytest.mark.integration
 TASKS = 200
 
 
-@pytest.fixture
-def bench_env(
-    nats_url: str, kafka_bootstrap: str, database_url: str, prefix: str
-) -> dict[str, str]:
-    return {
-        "SLUICE_NATS_URL": nats_url,
-        "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SLUICE_DATABASE_URL": database_url,
-        "SLUICE_TOPIC_PREFIX": prefix,
-        "SLUICE_PARTITIONS": "3",
-    }
-
-
 def schema_exists(database_url: str, schema: str) -> bool:
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,))

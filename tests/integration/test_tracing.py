@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -19,7 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from sluicegate.pipeline import build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
-from streams import metrics, tracing
+from streams import tracing
 from streams.envelope import Event
 from streams.publisher import Publisher
 from tests.integration.pipeline_support import (
@@ -30,6 +29,7 @@ from tests.integration.pipeline_support import (
     settings_for,
     wait_for_results,
 )
+from tests.metrics_support import metric_points
 
 pytestmark = pytest.mark.integration
 
@@ -54,25 +54,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
     tracing.shutdown()
 
 
-@pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    metrics.configure(readers=[reader])
-    yield reader
-    metrics.shutdown()
-
-
-def data_points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    data = reader.get_metrics_data()
-    assert data is not None
-    found: dict[str, list[Any]] = {}
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                found.setdefault(metric.name, []).extend(metric.data.data_points)
-    return found
-
-
 def trace_hex(span: ReadableSpan) -> str:
     assert span.context is not None
     return f"{span.context.trace_id:032x}"
@@ -90,7 +71,7 @@ async def test_one_trace_per_task_from_publish_to_result(
     database_url: str,
     prefix: str,
     spans: InMemorySpanExporter,
-    reader: InMemoryMetricReader,
+    metric_reader: InMemoryMetricReader,
 ) -> None:
     settings = settings_for(
         kind,  # type: ignore[arg-type]
@@ -182,7 +163,7 @@ async def test_one_trace_per_task_from_publish_to_result(
         assert {tid for _, tid in rows} == {trace_id}
 
     # Metrics came out of the same run, consumer lag included (the transport's own numbers).
-    found = data_points(reader)
+    found = metric_points(metric_reader)
     gate_in = sum(
         p.value for p in found["sluice.step.events.in"] if p.attributes.get("sluice.step") == "gate"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def test_worker_cpu_per_task_and_cores() -> None:
     assert unread.worker_cpu_ms_per_task is None and unread.worker_cores is None
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc, which only Linux has")
 def test_process_cpu_seconds_reads_proc() -> None:
     assert (process_cpu_seconds(os.getpid()) or 0.0) > 0.0
     assert process_cpu_seconds(2**22 + 12345) is None  # no such process

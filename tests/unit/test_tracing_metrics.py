@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import BaseModel
 
@@ -19,6 +17,7 @@ from streams.runner import StepRunner
 from streams.step import Context, Output
 from streams.transport import Message, OutMessage
 from streams.transports.memory import MemoryTransport
+from tests.metrics_support import metric_points
 
 
 class Ping(BaseModel):
@@ -38,25 +37,6 @@ class Gate(Step):
         return [ctx.output("out", "pong", {}), ctx.output("out", "pong", {})]
 
 
-@pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    metrics.configure(readers=[reader])
-    yield reader
-    metrics.shutdown()
-
-
-def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    data = reader.get_metrics_data()
-    assert data is not None
-    found: dict[str, list[Any]] = {}
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                found.setdefault(metric.name, []).extend(metric.data.data_points)
-    return found
-
-
 def total(found: dict[str, list[Any]], name: str, **attrs: str) -> float:
     wanted = {key.replace("_", "."): value for key, value in attrs.items()}
     return float(
@@ -74,7 +54,7 @@ def msg(e: Event | bytes) -> OutMessage:
     return OutMessage("in", encode(e), key=e.key, headers=headers_for(e))
 
 
-async def test_counts_per_step_from_committed_batches(reader: InMemoryMetricReader) -> None:
+async def test_counts_per_step_from_committed_batches(metric_reader: InMemoryMetricReader) -> None:
     t = MemoryTransport(partitions=1)
     await t.ensure_topics(["in"])
     runner = StepRunner(Gate(), t, MemoryCheckpointStore())
@@ -86,7 +66,7 @@ async def test_counts_per_step_from_committed_batches(reader: InMemoryMetricRead
     while await runner.run_once():
         pass
 
-    found = points(reader)
+    found = metric_points(metric_reader)
     assert total(found, "sluice.step.events.in", sluice_step="gate") == 7  # 6 + 1 dead letter
     assert total(found, "sluice.step.events.out", sluice_step="gate") == 12
     assert total(found, "sluice.step.dead_letters", sluice_step="gate") == 1
@@ -140,7 +120,7 @@ def test_kafka_lag_from_the_high_water_mark() -> None:
     assert metrics._kafka_probe(SimpleNamespace()) is None
 
 
-async def test_lag_is_recorded_per_partition(reader: InMemoryMetricReader) -> None:
+async def test_lag_is_recorded_per_partition(metric_reader: InMemoryMetricReader) -> None:
     class Sub:
         def lag(self, message: Message) -> int | None:
             return 10 - message.offset
@@ -150,6 +130,6 @@ async def test_lag_is_recorded_per_partition(reader: InMemoryMetricReader) -> No
     recorder.batch_done([], 0, 0, 0.01, batch, Sub())
     lags = {
         p.attributes["messaging.destination.partition.id"]: p.value
-        for p in points(reader)["sluice.step.consumer.lag"]
+        for p in metric_points(metric_reader)["sluice.step.consumer.lag"]
     }
     assert lags == {"0": 9, "1": 8}
