@@ -17,7 +17,6 @@ from sluicegate.runtime import (
     run_steps,
     stop_on_signals,
 )
-from streams.runner import RunnerConfig
 from streams.transport import TransportError
 
 
@@ -56,8 +55,11 @@ def run(
 ) -> None:
     """Run one, several or all steps of the pipeline until SIGTERM or SIGINT.
 
-    Each batch in hand is finished before the worker exits; progress and state
-    are in Postgres, so a restarted worker resumes where this one stopped.
+    Many events are in flight at once (SLUICE_MAX_IN_FLIGHT per step; one
+    session's events in order). On SIGTERM the worker stops fetching, lets
+    what is in flight finish (up to SLUICE_DRAIN_TIMEOUT seconds) and
+    checkpoints it; progress and state are in Postgres, so a restarted worker
+    resumes where this one stopped.
     With SLUICE_OTLP_ENDPOINT set, traces and metrics are exported over OTLP.
     """
     settings = load_settings(transport=transport, metrics_port=metrics_port)
@@ -71,7 +73,7 @@ def run(
         raise click.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
 
-    config = RunnerConfig()
+    config = settings.runner_config()
     crash_after = os.environ.get("SLUICE_TEST_CRASH_AFTER_COMMITS")
     if crash_after:
         # For the crash tests: die right after a checkpoint commit, before the ack.

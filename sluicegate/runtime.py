@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ async def run_steps(
 ) -> list[StepRunner]:
     """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats)."""
     await require_migrated(settings)
+    config = config or settings.runner_config()
     transport = make_transport(settings, kind)
     await transport.connect()
     partitions = (
@@ -125,7 +127,16 @@ async def run_steps(
         for store in stores:
             await store.close()
         await transport.close()
+        await _close_model_sessions()
     return runners
+
+
+async def _close_model_sessions() -> None:
+    """Close the pooled HTTP session of model clients, if any step made one."""
+    # Looked up, not imported: a pipeline without model calls never loads aiohttp.
+    model_client = sys.modules.get("agents.model_client")
+    if model_client is not None:
+        await model_client.aclose_shared()
 
 
 @dataclass(slots=True)

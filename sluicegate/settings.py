@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.runner import DEFAULT_MAX_IN_FLIGHT, RunnerConfig
+
 TransportName = Literal["nats", "kafka"]
 
 
@@ -31,6 +33,12 @@ class Settings(BaseSettings):
     # `sluice run` serves Prometheus metrics on this port (and metrics_host) when set.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
+    # The runner: inputs fetched and not yet checkpointed, per step; how long a
+    # checkpoint waits for more completions to join it; how long in-flight
+    # events may take to finish on shutdown or when partitions are revoked.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1, le=1_000_000)
+    commit_interval_ms: float = Field(default=2.0, ge=0, le=60_000)
+    drain_timeout: float = Field(default=10.0, ge=0, le=3600)
 
     # The local stack: where it keeps its files and which loopback ports it uses.
     home: Path = Path(".sluice")
@@ -47,6 +55,14 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_port_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    def runner_config(self) -> RunnerConfig:
+        """The step runners' configuration these settings give."""
+        return RunnerConfig(
+            max_in_flight=self.max_in_flight,
+            commit_interval_s=self.commit_interval_ms / 1000,
+            drain_timeout_s=self.drain_timeout,
+        )
 
     def resolved_nats_url(self) -> str:
         return self.nats_url or f"nats://127.0.0.1:{self.local_nats_port}"

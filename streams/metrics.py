@@ -20,7 +20,10 @@ Every instrument has the attribute ``sluice.step``:
 - ``sluice.step.consumer.lag`` (gauge, plus ``messaging.destination.name`` and
   ``messaging.destination.partition.id``): messages behind the end of the
   partition after the batch, where the transport tells it cheaply (see
-  :func:`lag_probe`).
+  :func:`lag_probe`);
+- ``sluice.step.in_flight`` (gauge): inputs fetched and not yet checkpointed;
+- ``sluice.step.key_queue.depth`` (gauge): inputs waiting behind the busiest
+  key (tenant, session), which is what a slow session holds back.
 
 Counts come from the committed batch itself (its audit rows and produced
 messages), so a batch that is rewound and fetched again is counted once.
@@ -110,6 +113,18 @@ class _Instruments:
             unit="{message}",
             description="Messages behind the end of the partition after the last batch",
         )
+        meter.create_observable_gauge(
+            "sluice.step.in_flight",
+            callbacks=[_observe_load(0)],
+            unit="{event}",
+            description="Inputs fetched and not yet checkpointed",
+        )
+        meter.create_observable_gauge(
+            "sluice.step.key_queue.depth",
+            callbacks=[_observe_load(1)],
+            unit="{event}",
+            description="Inputs waiting behind the busiest key (tenant, session)",
+        )
 
 
 def _observe_lag(options: CallbackOptions) -> Iterator[Observation]:
@@ -119,8 +134,18 @@ def _observe_lag(options: CallbackOptions) -> Iterator[Observation]:
         yield Observation(lag, {STEP: step, DESTINATION: destination, PARTITION: partition})
 
 
+def _observe_load(index: int) -> Callable[[CallbackOptions], Iterator[Observation]]:
+    def observe(options: CallbackOptions) -> Iterator[Observation]:
+        from opentelemetry.metrics import Observation
+
+        for step, load in list(_state.load.items()):
+            yield Observation(load[index], {STEP: step})
+
+    return observe
+
+
 class _State:
-    __slots__ = ("instruments", "lags", "owned", "provider")
+    __slots__ = ("instruments", "lags", "load", "owned", "provider")
 
     def __init__(self) -> None:
         self.instruments: _Instruments | None = None
@@ -128,6 +153,8 @@ class _State:
         self.owned = False
         # The latest lag per (step, destination, partition), read at collection.
         self.lags: dict[tuple[str, str, str], int] = {}
+        # The latest (in flight, deepest key queue) per step, read at collection.
+        self.load: dict[str, tuple[int, int]] = {}
 
 
 _state = _State()
@@ -194,6 +221,7 @@ def shutdown() -> None:
     provider, owned = _state.provider, _state.owned
     _state.instruments, _state.provider, _state.owned = None, None, False
     _state.lags.clear()
+    _state.load.clear()
     if provider is not None and owned:
         provider.shutdown()
 
@@ -247,6 +275,11 @@ class StepMetrics:
             instruments.decisions.add(count, {STEP: self.step, DECISION: decision})
         instruments.batch_seconds.record(seconds, attrs)
         self._record_lag(messages, subscription)
+
+    def load(self, in_flight: int, deepest_key_queue: int) -> None:
+        """Record how many inputs are in flight and how many wait behind the busiest key."""
+        if _state.instruments is not None:
+            _state.load[self.step] = (in_flight, deepest_key_queue)
 
     def _record_lag(self, messages: Sequence[Message], subscription: object) -> None:
         if not messages or subscription is None:

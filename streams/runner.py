@@ -1,34 +1,51 @@
-"""The step runner: consume → process → produce → checkpoint → ack, in batches.
+"""The step runner: many events in flight, each key in order, checkpointed as one.
 
-For each fetched batch (DESIGN.md, "The step runner and the commit protocol"):
+Agent steps wait on models and tools, so a runner keeps many inputs in flight
+(DESIGN.md and docs/architecture.md, "The commit protocol"):
 
-1. skip messages at or below the partition's stored offset, and events whose
-   id this step already processed (a re-produced output after a crash);
-   decode the rest; what fails to decode or validate is a dead letter;
-2. run the step on each event against its session's keyed state (a step that
-   raises is retried a bounded number of times, then dead-lettered; state
-   changes of a failed attempt are discarded);
-3. produce all outputs and dead letters and wait for the broker's acks;
-4. one checkpoint-store transaction: audit rows, changed state, results and
-   the last processed offset of every input partition;
-5. commit the offsets (Kafka) or ack (NATS).
+1. **admit** each fetched input: skip what the stored watermark already
+   covers, absorb ids this step already processed (a re-produced output
+   after a crash), decode (what fails is a dead letter), and queue the event
+   behind its key (tenant, session);
+2. **process**: each key with work has one task that runs its events one at
+   a time and in order against the session's keyed state, so different keys
+   run concurrently and a slow event holds back only its own key. A step
+   that raises is retried a bounded number of times, then dead-lettered
+   (state changes of a failed attempt are discarded);
+3. **checkpoint** (group commit): what completed since the last checkpoint is
+   taken at once: its outputs are produced and their acks awaited, then one
+   Postgres transaction writes the audit rows, changed state, results and the
+   new per-partition watermarks (the highest offset below which every input
+   is done); then the broker offsets are committed / NATS acked up to the
+   watermarks. While one checkpoint runs, completions gather for the next, so
+   Postgres round trips do not grow with concurrency;
+4. **backpressure**: at most ``max_in_flight`` inputs are fetched and not
+   checkpointed; fetching waits for room, so a slow model slows consumption
+   instead of growing memory.
 
-The loop handles one batch at a time, so a slow broker or Postgres slows
-consumption instead of growing memory. State lives in memory for the owned
-partitions as canonical JSON bytes, loaded from the store on assignment; a
-step gets a fresh dict per event, so a failed attempt leaves no trace and a
+Inputs done above a gap (a slow key below them) are checkpointed with their
+batch; after a crash they are fetched again and absorbed by id. A failed or
+stale checkpoint resets the runner: in-flight work is dropped, positions go
+back to the first unfinished input and state, offsets and recent ids are
+reloaded from the store, so memory always restarts from what Postgres holds.
+
+``run`` keeps fetching while there is room (``pipelined``); ``run_once``
+handles one fetched batch to the end (its keys still run concurrently), which
+is what the Faust engine and tests drive. State lives in memory for the owned
+partitions as canonical JSON bytes; a step gets a fresh dict per event, and a
 change is detected by comparing bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,9 +56,19 @@ from pydantic import BaseModel
 from streams import metrics, tracing
 from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
 from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
+from streams.dead_letters import (
+    DLQ_TOPIC,
+    H_DLQ_ERROR,
+    H_DLQ_MESSAGE,
+    H_DLQ_REASON,
+    H_DLQ_SOURCE,
+    H_DLQ_STEP,
+    dead_letter,
+)
 from streams.envelope import Event
+from streams.inflight import Pending, Slot, Watermarks
 from streams.partitioning import partition_for
-from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext
+from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext, trace_id_of
 from streams.transport import (
     Message,
     OutMessage,
@@ -53,20 +80,41 @@ from streams.transport import (
 
 log = logging.getLogger("sluicegate.runner")
 
-DLQ_TOPIC = "dlq"
-# Dead letters keep the original bytes as their body; what went wrong travels
-# in these headers, so the poisoned message is preserved exactly.
-H_DLQ_REASON = "sluice-dlq-reason"
-H_DLQ_ERROR = "sluice-dlq-error"
-H_DLQ_MESSAGE = "sluice-dlq-message"
-H_DLQ_STEP = "sluice-dlq-step"
-H_DLQ_SOURCE = "sluice-dlq-source"  # topic/partition/offset of the original
+__all__ = [
+    "DLQ_TOPIC",
+    "H_DLQ_ERROR",
+    "H_DLQ_MESSAGE",
+    "H_DLQ_REASON",
+    "H_DLQ_SOURCE",
+    "H_DLQ_STEP",
+    "RunnerConfig",
+    "RunnerStats",
+    "StepRunner",
+    "StoreUnavailableError",
+]
+
+# The default bound on inputs in flight per step runner. Measured with the
+# planner on a 200 ms model (sluice bench --mode pipeline --model-latency):
+# see README "Benchmarks". Each input in flight costs a few kB.
+DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 @dataclass(slots=True)
 class RunnerConfig:
+    # Most messages one fetch asks for (also bounded by the room left in flight).
     batch_size: int = 500
     fetch_timeout_s: float = 0.25
+    # Inputs fetched and not yet checkpointed, per runner (SLUICE_MAX_IN_FLIGHT).
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # How long a checkpoint waits for more completions to join it once one
+    # is there (SLUICE_COMMIT_INTERVAL_MS). Under load completions gather while
+    # the previous checkpoint runs anyway; this only coalesces a trickle.
+    commit_interval_s: float = 0.002
+    # False: run() handles one fetched batch to the end before fetching again
+    # (the Faust engine, whose rebalances expect a batch barrier).
+    pipelined: bool = True
+    # On stop or revoke: how long in-flight events may take to finish.
+    drain_timeout_s: float = 10.0
     max_attempts: int = 3
     retry_backoff_s: float = 0.02
     commit_attempts: int = 5
@@ -81,10 +129,16 @@ class RunnerConfig:
     # Consecutive broker/store failures run() rides out before giving up.
     max_consecutive_failures: int = 12
 
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
 
 @dataclass(slots=True)
 class RunnerStats:
-    batches: int = 0
+    batches: int = 0  # checkpoints
     processed: int = 0
     outputs: int = 0
     dead_letters: int = 0
@@ -92,8 +146,12 @@ class RunnerStats:
     skipped: int = 0
     retries: int = 0
     stale_batches: int = 0
+    resets: int = 0
     tick_errors: int = 0
     last_batch_s: float = 0.0
+    # Most inputs in flight at once, and most processed concurrently.
+    peak_in_flight: int = 0
+    peak_concurrency: int = 0
     by_partition: dict[TopicPartition, int] = field(default_factory=dict)
 
 
@@ -130,6 +188,10 @@ class _Poison(Exception):
         self.error = error
 
 
+# One key's queue: its admitted events, in order.
+_KeyQueue = deque[tuple[Slot, Event, BaseModel | None]]
+
+
 class StepRunner:
     """Runs one step over its input topics until ``stop`` is set."""
 
@@ -154,6 +216,7 @@ class StepRunner:
         self.stats = RunnerStats()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._registry = _registry_for(processor.accepts)
+        # Committed truth (as of the last checkpoint) and working state.
         self._offsets: dict[TopicPartition, int] = {}
         self._states: dict[StateKey, bytes] = {}
         self._state_partition: dict[StateKey, int] = {}
@@ -163,14 +226,36 @@ class StepRunner:
         self._outputs = frozenset(processor.outputs)
         self._has_tick = callable(getattr(processor, "tick", None))
         self._last_tick = 0.0
-        self._pending_ids: dict[int, set[str]] = {}
-        # Observability: the tracer is read once per batch, so with tracing
+        # In flight: admitted inputs, the keys with work, their tasks.
+        self._marks = Watermarks()
+        self._pending = Pending(CommitBatch(step=processor.name))
+        self._keys: dict[StateKey, _KeyQueue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._busy = 0  # events inside process() right now
+        self._skipped_acks: list[Message] = []
+        # Serialises checkpoints with resets, so a reload never misses a commit.
+        self._commit_lock = asyncio.Lock()
+        # Set when work completes (the committer's cue) and when room frees up
+        # or the committer fails (the fetch loop's cue).
+        self._completed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._broken: BaseException | None = None
+        self._needs_reset = False
+        self._rewind_to: dict[TopicPartition, int] = {}
+        self._running = False
+        # Observability: the tracer is read once per fetch, so with tracing
         # off no event pays more than one ``is None`` check (streams.tracing).
         self._tracer: tracing.Tracer | None = None
         self._hop_site = tracing.HopSite(
             system=transport.name, prefix=transport.prefix, step=processor.name, group=self.group
         )
         self._metrics = metrics.StepMetrics(processor.name, prefix=transport.prefix)
+
+    @property
+    def in_flight(self) -> int:
+        """Inputs fetched and not yet checkpointed."""
+        return self._in_flight
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -186,57 +271,190 @@ class StepRunner:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process batches until ``stop`` is set; the batch in hand is finished first."""
+        """Process until ``stop`` is set, then drain what is in flight and checkpoint it."""
         if self._sub is None:
             await self.start()
+        try:
+            if self.config.pipelined:
+                await self._run_pipelined(stop)
+            else:
+                await self._run_batches(stop)
+        finally:
+            await self.close()
+
+    async def _run_batches(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.run_once()
+                failures = 0
+            except (TransportError, OSError, StoreUnavailableError) as exc:
+                # A broker hiccup or a rebalance error must not end the
+                # worker; the batch in hand was rewound (handle_batch).
+                failures = await self._back_off(failures, exc)
+
+    async def _run_pipelined(self, stop: asyncio.Event) -> None:
+        self._running = True
+        committer = asyncio.create_task(self._committer(), name=f"{self.processor.name} commits")
         failures = 0
         try:
             while not stop.is_set():
                 try:
-                    await self.run_once()
+                    if self._broken is not None or self._needs_reset:
+                        await self._recover()
+                    if committer.done():
+                        committer = asyncio.create_task(
+                            self._committer(), name=f"{self.processor.name} commits"
+                        )
+                    await self._fetch_and_admit(stop)
+                    await self._maybe_tick()
                     failures = 0
-                except (TransportError, OSError, StoreUnavailableError) as exc:
-                    # A broker hiccup or a rebalance error must not end the
-                    # worker; the batch in hand was rewound (handle_batch).
-                    failures += 1
-                    if failures >= self.config.max_consecutive_failures:
-                        raise
-                    delay = min(5.0, self.config.retry_backoff_s * 2**failures)
-                    log.warning(
-                        "%s: %s (attempt %d, retrying in %.2fs)",
-                        self.processor.name,
-                        exc,
-                        failures,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
+                except (TransportError, OSError, StoreUnavailableError, StaleBatchError) as exc:
+                    failures = await self._back_off(failures, exc)
         finally:
-            await self.close()
+            self._running = False
+            await self._drain(stop_committer=committer)
+
+    async def _back_off(self, failures: int, exc: BaseException) -> int:
+        failures += 1
+        if failures >= self.config.max_consecutive_failures:
+            raise exc
+        delay = min(5.0, self.config.retry_backoff_s * 2**failures)
+        log.warning(
+            "%s: %s (attempt %d, retrying in %.2fs)", self.processor.name, exc, failures, delay
+        )
+        await asyncio.sleep(delay)
+        return failures
+
+    async def _fetch_and_admit(self, stop: asyncio.Event) -> None:
+        assert self._sub is not None, "call start() first"
+        room = self.config.max_in_flight - self._in_flight
+        if room <= 0:
+            # Backpressure: wait for a checkpoint to free room (or to fail).
+            self._wake.clear()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    (waiter, stopper),
+                    timeout=self.config.fetch_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            return
+        messages = await self._sub.fetch(
+            min(self.config.batch_size, room), self.config.fetch_timeout_s
+        )
+        if messages and not stop.is_set():
+            # (Fetched after a stop: left unacked, the next owner reads them.)
+            self._admit_all(messages)
+
+    async def _recover(self) -> None:
+        """After a failed or stale checkpoint: reset to what the store holds."""
+        broken, self._broken = self._broken, None
+        if isinstance(broken, StaleBatchError):
+            log.warning("%s: stale checkpoint, reloading: %s", self.processor.name, broken)
+            self.stats.stale_batches += 1
+        elif broken is not None:
+            log.warning("%s: checkpoint failed, resetting: %s", self.processor.name, broken)
+        await self._reset_or_raise()
+        if broken is not None and not isinstance(broken, StaleBatchError):
+            # Back off like any failure, after the positions were rewound.
+            if isinstance(broken, TransportError | OSError):
+                raise broken
+            raise StoreUnavailableError(f"checkpoint commit failed: {broken}") from broken
 
     async def run_once(self) -> int:
-        """Fetch and fully handle one batch; returns how many messages it held."""
+        """Fetch one batch and handle it to the end; returns how many messages it held."""
         assert self._sub is not None, "call start() first"
+        if self._needs_reset:
+            await self._reset_or_raise()
         messages = await self._sub.fetch(self.config.batch_size, self.config.fetch_timeout_s)
         if messages:
             await self.handle_batch(messages)
-        if self._has_tick and time.monotonic() - self._last_tick >= self.config.tick_interval_s:
-            self._last_tick = time.monotonic()
-            await self.tick()
+        await self._maybe_tick(commit=True)
         return len(messages)
 
+    async def handle_batch(self, messages: Sequence[Message]) -> None:
+        """Process ``messages`` (keys concurrently, each key in order) and checkpoint them."""
+        self._admit_all(messages)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        if self._broken is not None:
+            broken, self._broken = self._broken, None
+            raise broken
+        try:
+            async with self._commit_lock:
+                await self._checkpoint()
+        except StaleBatchError as exc:
+            # Another worker committed past us (we lost the partition while
+            # working): reload the truth and drop this batch. The outputs
+            # we produced carry the same ids as theirs and are absorbed
+            # downstream.
+            log.warning("%s: stale batch, reloading: %s", self.processor.name, exc)
+            self.stats.stale_batches += 1
+            await self._reset_or_raise()
+        except Exception as exc:
+            # Nothing of this batch is checkpointed: rewind so it is fetched
+            # again, and let run() back off and retry.
+            await self._reset_or_raise()
+            if isinstance(exc, TransportError | OSError):
+                raise
+            raise StoreUnavailableError(f"checkpoint commit failed: {exc}") from exc
+
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.close()
+
+    async def _drain(self, stop_committer: asyncio.Task[None]) -> None:
+        """Shutdown: let in-flight events finish (bounded), checkpoint them, stop committing."""
+        if self._tasks:
+            log.info(
+                "%s: draining %d events in flight (up to %gs)",
+                self.processor.name,
+                self._in_flight,
+                self.config.drain_timeout_s,
+            )
+            await asyncio.wait(list(self._tasks), timeout=self.config.drain_timeout_s)
+        unfinished = len(self._tasks)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        stop_committer.cancel()
+        await asyncio.gather(stop_committer, return_exceptions=True)
+        if self._broken is None and not self._needs_reset:
+            try:
+                async with self._commit_lock:
+                    await self._checkpoint()
+            except Exception as exc:  # the next owner fetches it again
+                log.warning("%s: final checkpoint failed: %s", self.processor.name, exc)
+        if unfinished:
+            log.info(
+                "%s: %d keys still busy at shutdown; their inputs are fetched again",
+                self.processor.name,
+                unfinished,
+            )
 
     # -- partition ownership -------------------------------------------------
 
     async def _on_assign(self, tps: frozenset[TopicPartition]) -> None:
         self._owned = self._owned | tps
-        await self._load(tps)
+        await self._load(tps, seek=True)
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
+        if self._running:
+            # Let what is in flight on them finish and be checkpointed first.
+            await self._finish(tps)
         self._owned = self._owned - tps
+        self._in_flight -= self._marks.drop(tps)
         gone = {tp.partition for tp in tps} - {tp.partition for tp in self._owned}
         for tp in tps:
             self._offsets.pop(tp, None)
@@ -246,9 +464,25 @@ class StepRunner:
                 self._states.pop(key, None)
         for partition in gone:
             self._dedupe.pop(partition, None)
+        self._wake.set()
 
-    async def _load(self, tps: Iterable[TopicPartition]) -> None:
-        """Load offsets, state and recent ids from the store, and seek past what is done."""
+    async def _finish(self, tps: frozenset[TopicPartition]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        while self._marks.undone(tps) and loop.time() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.05)
+        if self._broken is None:
+            try:
+                async with self._commit_lock:
+                    await self._checkpoint()
+            except Exception as exc:
+                log.warning("%s: checkpoint before revoke failed: %s", self.processor.name, exc)
+                self._broken = exc
+
+    async def _load(self, tps: Iterable[TopicPartition], *, seek: bool) -> None:
+        """Load offsets, state and recent ids from the store; ``seek`` past what is done."""
         tps = list(tps)
         name = self.processor.name
         offsets = await self.store.load_offsets(name, tps)
@@ -268,192 +502,206 @@ class StepRunner:
             self._state_partition[key] = partition_for(
                 key.session.encode(), self.transport.partitions
             )
-        if self._sub is not None:
+        if seek and self._sub is not None:
             for tp, offset in offsets.items():
                 await self._sub.seek(tp, offset + 1)
 
-    # -- the batch ---------------------------------------------------------
+    async def _reset_or_raise(self) -> None:
+        """``_reset``; a store failure on the way is a ``StoreUnavailableError`` (retried)."""
+        try:
+            await self._reset()
+        except (TransportError, OSError):
+            raise
+        except Exception as exc:
+            raise StoreUnavailableError(f"cannot reload from the store: {exc}") from exc
 
-    async def handle_batch(self, messages: Sequence[Message]) -> None:
-        started = time.perf_counter()
-        batch = CommitBatch(step=self.processor.name)
-        produce: list[OutMessage] = []
-        # State and seen ids change in this overlay until the store has
-        # committed, so a failed commit leaves memory equal to Postgres.
-        self._pending_ids = {}
+    async def _reset(self) -> None:
+        """Drop everything in flight, rewind to it, and reload the truth from the store.
+
+        Marked as needed first: if the store or broker fails half way, the
+        next ``run_once`` or loop turn starts it over before fetching, with
+        the positions to go back to kept in ``_rewind_to``.
+        """
+        self._needs_reset = True
+        self.stats.resets += 1
+        async with self._commit_lock:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._keys.clear()
+            self._pending = Pending(CommitBatch(step=self.processor.name))
+            self._skipped_acks.clear()
+            # Where to resume: kept until a reset succeeds, so a store that
+            # fails half way leaves the way back known (nothing is fetched
+            # while a reset is due).
+            for tp, offset in self._marks.first_offsets().items():
+                self._rewind_to[tp] = min(offset, self._rewind_to.get(tp, offset))
+            self._marks.drop()
+            # (Re)set here, not decremented: every admitted input is now dropped.
+            self._in_flight = 0
+            self._states.clear()
+            self._state_partition.clear()
+            self._dedupe.clear()
+            self._offsets.clear()
+            await self._load(self._owned, seek=False)
+            if self._sub is not None:
+                for tp, offset in self._rewind_to.items():
+                    if tp not in self._owned:
+                        continue
+                    # After a stale checkpoint another worker stored more: skip that.
+                    stored = self._offsets.get(tp)
+                    await self._sub.seek(tp, offset if stored is None else max(offset, stored + 1))
+            self._rewind_to.clear()
+        self._needs_reset = False
+        self._wake.set()
+
+    # -- admission -------------------------------------------------------------
+
+    def _admit_all(self, messages: Sequence[Message]) -> None:
         self._tracer = tracing.tracer()
         for msg in messages:
-            await self._handle_message(msg, batch, produce)
-        try:
-            if produce:
-                await self.transport.publish_batch(produce)
-            if not batch.is_empty():
-                await self._commit_with_retry(batch)
-        except StaleBatchError as exc:
-            # Another worker committed past us (we lost the partition while
-            # working): reload the truth and drop this batch. The outputs
-            # we produced carry the same ids as theirs and are absorbed
-            # downstream.
-            log.warning("%s: stale batch, reloading: %s", self.processor.name, exc)
-            self.stats.stale_batches += 1
-            await self._reload(batch.offsets.keys())
-            return
-        except Exception as exc:
-            # Nothing of this batch is checkpointed: rewind so it is fetched
-            # again, and let run() back off and retry.
-            await self._rewind(messages)
-            if isinstance(exc, TransportError | OSError):
-                raise
-            raise StoreUnavailableError(f"checkpoint commit failed: {exc}") from exc
-        if not batch.is_empty():
-            self._apply(batch)
-            self._maybe_crash()
-        if self._sub is not None:
-            try:
-                await self._sub.commit(messages)
-            except TransportError as exc:
-                # Postgres already holds the progress; a restart seeks from it.
-                log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
-        self.stats.batches += 1
-        self.stats.last_batch_s = time.perf_counter() - started
-        self._metrics.batch_done(
-            batch.audit,
-            len(produce),
-            self.stats.duplicates,
-            self.stats.last_batch_s,
-            messages,
-            self._sub,
-        )
+            self._admit(msg)
+        if self._in_flight > self.stats.peak_in_flight:
+            self.stats.peak_in_flight = self._in_flight
 
-    async def _rewind(self, messages: Sequence[Message]) -> None:
-        self._pending_ids = {}
-        if self._sub is None:
-            return
-        first: dict[TopicPartition, int] = {}
-        for msg in messages:
-            first[msg.tp] = min(first.get(msg.tp, msg.offset), msg.offset)
-        for tp, offset in first.items():
-            try:
-                await self._sub.seek(tp, offset)
-            except Exception as exc:  # e.g. the partition was revoked meanwhile
-                log.warning("%s: cannot rewind %s: %s", self.processor.name, tp, exc)
-
-    def _maybe_crash(self) -> None:
-        global _commits_in_process
-        if self.config.crash_after_commits is None:
-            return
-        _commits_in_process += 1
-        if _commits_in_process >= self.config.crash_after_commits:
-            log.warning("%s: crashing on purpose after a checkpoint commit", self.processor.name)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    async def _commit_with_retry(self, batch: CommitBatch) -> None:
-        """Commit, retrying transient store failures; the transaction is all or nothing."""
-        for attempt in range(1, self.config.commit_attempts + 1):
-            try:
-                await self.store.commit(batch)
-                return
-            except StaleBatchError:
-                raise
-            except Exception as exc:
-                if attempt == self.config.commit_attempts:
-                    raise
-                log.warning("%s: checkpoint commit failed, retrying: %s", self.processor.name, exc)
-                await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
-
-    def _apply(self, batch: CommitBatch) -> None:
-        """Make the committed batch the runner's in-memory truth."""
-        for tp, (_first, last) in batch.offsets.items():
-            self._offsets[tp] = last
-        for (partition, key), blob in batch.states.items():
-            self._states[key] = blob
-            self._state_partition[key] = partition
-        for partition, ids in self._pending_ids.items():
-            seen = self._dedupe.setdefault(partition, _Dedupe(self.config.dedupe_window))
-            for event_id in ids:
-                seen.add(event_id)
-
-    async def _reload(self, tps: Iterable[TopicPartition]) -> None:
-        tps = list(tps)
-        partitions = {tp.partition for tp in tps}
-        for key, partition in list(self._state_partition.items()):
-            if partition in partitions:
-                del self._state_partition[key]
-                self._states.pop(key, None)
-        await self._load(tps)
-
-    async def _handle_message(
-        self, msg: Message, batch: CommitBatch, produce: list[OutMessage]
-    ) -> None:
+    def _admit(self, msg: Message) -> None:
         tp = msg.tp
         done = self._offsets.get(tp)
         if done is not None and msg.offset <= done:
             self.stats.skipped += 1
+            self._skipped_acks.append(msg)
             return
-        first_last = batch.offsets.get(tp)
-        batch.offsets[tp] = (first_last[0] if first_last else msg.offset, msg.offset)
+        slot = Slot(msg)
+        self._marks.add(tp, slot)
+        self._in_flight += 1
         self.stats.by_partition[tp] = self.stats.by_partition.get(tp, 0) + 1
-
-        dedupe = self._dedupe.setdefault(msg.partition, _Dedupe(self.config.dedupe_window))
-        pending = self._pending_ids.setdefault(msg.partition, set())
+        dedupe = self._dedupe.get(msg.partition)
+        if dedupe is None:
+            dedupe = self._dedupe[msg.partition] = _Dedupe(self.config.dedupe_window)
         event_id = msg.headers.get("ce_id")
-        if event_id is not None and (event_id in dedupe or event_id in pending):
-            self.stats.duplicates += 1
+        if event_id is not None and event_id in dedupe:
+            self._absorb(slot)
             return
         try:
             event = decode(msg.value, max_bytes=self.config.max_event_bytes)
         except DecodeError as exc:
-            self._dead_letter(msg, batch, produce, exc.reason, exc, event=None)
+            self._dead_letter(slot, exc.reason, exc, event=None)
             return
-        if event.id in dedupe or event.id in pending:
-            self.stats.duplicates += 1
+        if event.id in dedupe:
+            self._absorb(slot)
             return
-        pending.add(event.id)
+        # Seen from now on: a copy arriving while this one is in flight is
+        # absorbed too. A reset reloads the ids from the store.
+        dedupe.add(event.id)
+        try:
+            # Bad data is a dead letter at once, in offset order; a valid
+            # envelope keeps its identity in it, so the audit trail finds it
+            # by session and a replay is deduped.
+            data = self._registry.validate(event, strict_types=bool(self.processor.accepts))
+        except DecodeError as exc:
+            self._dead_letter_traced(slot, event, exc)
+            return
+        key = StateKey(event.tenant, event.session)
+        queue = self._keys.get(key)
+        if queue is not None:
+            queue.append((slot, event, data))
+            return
+        queue = self._keys[key] = deque(((slot, event, data),))
+        task = asyncio.create_task(self._run_key(key, queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _dead_letter_traced(self, slot: Slot, event: Event, exc: DecodeError) -> None:
         hop = None
         if self._tracer is not None:
-            hop = tracing.start_hop(self._tracer, self._hop_site, msg, event)
+            hop = tracing.start_hop(self._tracer, self._hop_site, slot.msg, event)
         if hop is None:
-            await self._handle_event(msg, event, batch, produce, None)
+            self._dead_letter(slot, exc.reason, exc, event=event)
+            return
+        with hop:
+            self._dead_letter(slot, exc.reason, exc, event=hop.event, hop=hop)
+
+    def _absorb(self, slot: Slot) -> None:
+        self.stats.duplicates += 1
+        self._complete(slot)
+
+    def _complete(self, slot: Slot) -> None:
+        slot.done = True
+        self._pending.inputs += 1
+        self._completed.set()
+        self._wake.set()
+
+    # -- one key's events, in order --------------------------------------------
+
+    async def _run_key(self, key: StateKey, queue: _KeyQueue) -> None:
+        try:
+            while queue:
+                slot, event, data = queue[0]
+                if not slot.dropped:
+                    await self._handle_event(slot, event, data)
+                queue.popleft()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A runner bug, not a step's (those are dead letters): the key
+            # would stall its partition's watermark, so reset loudly.
+            log.exception("%s: internal error on key %s", self.processor.name, key)
+            self._broken = self._broken or exc
+            self._needs_reset = True
+            self._wake.set()
+        finally:
+            if self._keys.get(key) is queue:
+                del self._keys[key]
+
+    async def _handle_event(self, slot: Slot, event: Event, data: BaseModel | None) -> None:
+        hop = None
+        if self._tracer is not None:
+            hop = tracing.start_hop(self._tracer, self._hop_site, slot.msg, event)
+        if hop is None:
+            await self._handle(slot, event, data, None)
             return
         with hop:
             # The step sees the input re-stamped with the hop's span, so its
             # outputs, audit rows and results continue the trace from here.
-            await self._handle_event(msg, hop.event, batch, produce, hop)
+            await self._handle(slot, hop.event, data, hop)
 
-    async def _handle_event(
-        self,
-        msg: Message,
-        event: Event,
-        batch: CommitBatch,
-        produce: list[OutMessage],
-        hop: tracing.Hop | None,
+    async def _handle(
+        self, slot: Slot, event: Event, data: BaseModel | None, hop: tracing.Hop | None
     ) -> None:
+        msg = slot.msg
+        self._busy += 1
+        if self._busy > self.stats.peak_concurrency:
+            self.stats.peak_concurrency = self._busy
         try:
-            # A valid envelope with bad data keeps its identity in the dead letter,
-            # so the audit trail finds it by session and a replay is deduped.
-            data = self._registry.validate(event, strict_types=bool(self.processor.accepts))
-        except DecodeError as exc:
-            self._dead_letter(msg, batch, produce, exc.reason, exc, event=event, hop=hop)
-            return
-        try:
-            outputs, wire, ctx, changed = await self._process(event, data, msg.partition, batch)
+            outputs, wire, ctx, changed = await self._process(event, data, msg.partition)
         except _Poison as poison:
-            self._dead_letter(
-                msg, batch, produce, poison.reason, poison.error, event=event, hop=hop
-            )
+            if not slot.dropped:
+                self._dead_letter(slot, poison.reason, poison.error, event=event, hop=hop)
             return
+        finally:
+            self._busy -= 1
+        if slot.dropped:
+            return  # given up meanwhile (revoked, or the runner reset)
         if hop is not None:
             hop.annotate(ctx.audit, len(outputs))
+        batch = self._pending.batch
         if changed is not None:
-            batch.states[(msg.partition, StateKey(event.tenant, event.session))] = changed
-        self._collect(ctx, msg.partition, batch)
-        batch.audit.append((msg.partition, _processed_row(ctx, event, len(outputs))))
-        produce.extend(wire)
+            key = StateKey(event.tenant, event.session)
+            self._states[key] = changed
+            self._state_partition[key] = msg.partition
+            batch.states[(msg.partition, key)] = changed
+        partition = msg.partition
+        batch.audit.extend((partition, row) for row in ctx.audit)
+        batch.results.extend(ctx.results)
+        batch.audit.append((partition, _processed_row(ctx, event, len(outputs))))
+        self._pending.produce.extend(wire)
         self.stats.processed += 1
         self.stats.outputs += len(outputs)
+        self._complete(slot)
 
     async def _process(
-        self, event: Event, data: BaseModel | None, partition: int, batch: CommitBatch
+        self, event: Event, data: BaseModel | None, partition: int
     ) -> tuple[list[Output], list[OutMessage], Context, bytes | None]:
         """Run the step, retrying failures.
 
@@ -462,7 +710,7 @@ class StepRunner:
         encoded (too large, not JSON) dead-letters its input like any step error.
         """
         key = StateKey(event.tenant, event.session)
-        before = batch.states.get((partition, key)) or self._states.get(key)
+        before = self._states.get(key)
         attempt = 0
         while True:
             attempt += 1
@@ -507,15 +755,9 @@ class StepRunner:
                     f"which is not among its declared outputs {sorted(self._outputs)}"
                 )
 
-    def _collect(self, ctx: Context, partition: int, batch: CommitBatch) -> None:
-        batch.audit.extend((partition, row) for row in ctx.audit)
-        batch.results.extend(ctx.results)
-
     def _dead_letter(
         self,
-        msg: Message,
-        batch: CommitBatch,
-        produce: list[OutMessage],
+        slot: Slot,
         reason: str,
         error: BaseException,
         *,
@@ -524,38 +766,10 @@ class StepRunner:
     ) -> None:
         if hop is not None:
             hop.dead_letter(reason, error)
-        text = (error.detail if isinstance(error, DecodeError) else str(error))[:1000]
-        headers = {
-            H_DLQ_REASON: reason,
-            H_DLQ_ERROR: type(error).__name__,
-            H_DLQ_MESSAGE: text,
-            H_DLQ_STEP: self.processor.name,
-            H_DLQ_SOURCE: f"{msg.topic}/{msg.partition}/{msg.offset}",
-        }
-        if event is not None:
-            headers["ce_id"] = event.id
-            if event.traceparent:
-                headers["traceparent"] = event.traceparent
-        produce.append(OutMessage(DLQ_TOPIC, msg.value, key=msg.key, headers=headers))
-        row = AuditRecord(
-            kind="dead_letter",
-            step=self.processor.name,
-            event_id=event.id if event else f"{msg.topic}/{msg.partition}/{msg.offset}",
-            event_type=event.type if event else "",
-            tenant=event.tenant if event else "",
-            session=event.session if event else "",
-            causation_id=event.causationid if event else None,
-            reasons=(reason,),
-            trace_id=_trace_id(event),
-            detail={
-                "error": type(error).__name__,
-                "message": text,
-                "topic": msg.topic,
-                "partition": msg.partition,
-                "offset": msg.offset,
-            },
-        )
-        batch.audit.append((msg.partition, row))
+        msg = slot.msg
+        out, row = dead_letter(msg, self.processor.name, reason, error, event)
+        self._pending.produce.append(out)
+        self._pending.batch.audit.append((msg.partition, row))
         self.stats.dead_letters += 1
         log.warning(
             "%s: dead-lettered %s/%s/%s (%s): %s",
@@ -564,45 +778,151 @@ class StepRunner:
             msg.partition,
             msg.offset,
             reason,
-            text,
+            row.detail["message"],
         )
+        self._complete(slot)
+
+    # -- checkpoints -------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        """Checkpoint whatever completed, one checkpoint at a time, until cancelled."""
+        interval = self.config.commit_interval_s
+        while True:
+            await self._completed.wait()
+            if interval > 0:
+                await asyncio.sleep(interval)
+            self._completed.clear()
+            try:
+                async with self._commit_lock:
+                    await self._checkpoint()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The fetch loop resets the runner and starts a new committer.
+                self._broken = exc
+                self._wake.set()
+                return
+
+    async def _checkpoint(self) -> None:
+        """Produce, commit and ack what completed since the last checkpoint (holding the lock)."""
+        if self._needs_reset:
+            return
+        pending, self._pending = self._pending, Pending(CommitBatch(step=self.processor.name))
+        moved = self._marks.passable()
+        acks, self._skipped_acks = self._skipped_acks, []
+        if pending.is_empty() and not moved and not acks:
+            return
+        started = time.perf_counter()
+        batch = pending.batch
+        for tp, passed in moved.items():
+            batch.offsets[tp] = (passed[0].offset, passed[-1].offset)
+        if pending.produce:
+            await self.transport.publish_batch(pending.produce)
+        if not batch.is_empty():
+            await self._commit_with_retry(batch)
+            self._maybe_crash()
+        self._marks.release(moved)
+        for tp, passed in moved.items():
+            self._offsets[tp] = passed[-1].offset
+        self._in_flight -= pending.inputs
+        self._wake.set()
+        committed = [m for passed in moved.values() for m in passed]
+        committed.extend(acks)
+        if self._sub is not None and committed:
+            try:
+                await self._sub.commit(committed)
+            except TransportError as exc:
+                # Postgres already holds the progress; a restart seeks from it.
+                log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
+        self.stats.batches += 1
+        self.stats.last_batch_s = time.perf_counter() - started
+        self._metrics.batch_done(
+            batch.audit,
+            len(pending.produce),
+            self.stats.duplicates,
+            self.stats.last_batch_s,
+            committed,
+            self._sub,
+        )
+        self._metrics.load(self._in_flight, max(map(len, self._keys.values()), default=0))
+
+    def _maybe_crash(self) -> None:
+        global _commits_in_process
+        if self.config.crash_after_commits is None:
+            return
+        _commits_in_process += 1
+        if _commits_in_process >= self.config.crash_after_commits:
+            log.warning("%s: crashing on purpose after a checkpoint commit", self.processor.name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _commit_with_retry(self, batch: CommitBatch) -> None:
+        """Commit, retrying transient store failures; the transaction is all or nothing."""
+        for attempt in range(1, self.config.commit_attempts + 1):
+            try:
+                await self.store.commit(batch)
+                return
+            except StaleBatchError:
+                raise
+            except Exception as exc:
+                if attempt == self.config.commit_attempts:
+                    raise
+                log.warning("%s: checkpoint commit failed, retrying: %s", self.processor.name, exc)
+                await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
 
     # -- time-driven work ----------------------------------------------------
 
-    async def tick(self, now: datetime | None = None) -> None:
-        """Run the step's ``tick`` once (at ``now``, default the clock) and commit its work.
+    async def _maybe_tick(self, *, commit: bool = False) -> None:
+        if not self._has_tick:
+            return
+        if time.monotonic() - self._last_tick < self.config.tick_interval_s:
+            return
+        self._last_tick = time.monotonic()
+        await self.tick(commit=commit)
 
-        A tick that raises or emits to an undeclared topic is logged and its
-        work discarded: like ``process``, a step's bug must not kill the worker.
+    async def tick(self, now: datetime | None = None, *, commit: bool = True) -> None:
+        """Run the step's ``tick`` once (at ``now``, default the clock) on the idle keys.
+
+        Keys with events in flight are left out (their next tick sees them),
+        so a tick never races an event of its session. Its work joins the next
+        checkpoint; with ``commit`` it is checkpointed at once. A tick that
+        raises or emits to an undeclared topic is logged and its work
+        discarded: like ``process``, a step's bug must not kill the worker.
         """
         if not self._has_tick:
             return
-        live = {key: orjson.loads(blob) for key, blob in self._states.items()}
+        live = {
+            key: orjson.loads(blob) for key, blob in self._states.items() if key not in self._keys
+        }
         tc = TickContext(step=self.processor.name, states=live)
+        tick: Callable[[datetime, TickContext], Awaitable[list[Output]]]
         tick = self.processor.tick  # type: ignore[attr-defined]
         try:
-            outputs: list[Output] = await tick(now or self._clock(), tc)
+            outputs = await tick(now or self._clock(), tc)
             self._check_outputs(outputs)
+            wire = [_to_wire(o) for o in outputs]
         except Exception:
             log.exception("%s: tick failed; its work is discarded", self.processor.name)
             self.stats.tick_errors += 1
             return
-        batch = CommitBatch(step=self.processor.name)
+        batch = self._pending.batch
         for key in tc.touched:
+            if key in self._keys:
+                continue  # an event of this key was admitted while the tick ran
             after = orjson.dumps(live[key], option=orjson.OPT_SORT_KEYS)
             if after != self._states.get(key):
+                self._states[key] = after
                 batch.states[(self._state_partition[key], key)] = after
         batch.results.extend(tc.results)
         for row in tc.audit:
             batch.audit.append(
                 (self._state_partition.get(StateKey(row.tenant, row.session), 0), row)
             )
-        if outputs:
-            await self.transport.publish_batch([_to_wire(o) for o in outputs])
-        if not batch.is_empty():
-            await self._commit_with_retry(batch)
-            self._pending_ids = {}
-            self._apply(batch)
+        self._pending.produce.extend(wire)
+        if commit:
+            async with self._commit_lock:
+                await self._checkpoint()
+        elif not self._pending.is_empty():
+            self._completed.set()
 
 
 # Checkpoint commits of every runner in this process (for crash_after_commits).
@@ -629,12 +949,6 @@ def _to_wire(out: Output) -> OutMessage:
     return OutMessage(out.topic, encode(event), key=event.key, headers=headers_for(event))
 
 
-def _trace_id(event: Event | None) -> str | None:
-    from streams.step import trace_id_of
-
-    return trace_id_of(event.traceparent) if event is not None else None
-
-
 def _processed_row(ctx: Context, event: Event, outputs: int) -> AuditRecord:
     return AuditRecord(
         kind="processed",
@@ -644,6 +958,6 @@ def _processed_row(ctx: Context, event: Event, outputs: int) -> AuditRecord:
         tenant=event.tenant,
         session=event.session,
         causation_id=event.causationid,
-        trace_id=_trace_id(event),
+        trace_id=trace_id_of(event.traceparent),
         detail={**ctx.detail, "outputs": outputs},
     )

@@ -22,6 +22,7 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 import faust
@@ -64,7 +65,9 @@ async def run_faust_steps(
     if settings.transport != "kafka":
         raise TransportError(f"the Faust engine runs on Kafka only, not {settings.transport}")
     await require_migrated(settings)
-    config = config or RunnerConfig()
+    # A batch barrier under Faust: its rebalances wait for the batch in hand
+    # (the subscription's "turn"); a batch's keys still run concurrently.
+    config = replace(config or settings.runner_config(), pipelined=False)
     names = [step.name for step in steps]
     pipeline = list(all_steps) if all_steps is not None else names
     admin = KafkaTransport(
