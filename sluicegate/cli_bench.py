@@ -35,6 +35,11 @@ class BenchOptions:
     timeout_s: float
     faust: bool
     faust_timeout_s: float
+    # Pipeline mode: the model stand-in's median (None: the rule-based planner) and spread,
+    # and the sessions the tasks spread over (None: the mode's default).
+    model_latency_ms: float | None = None
+    model_sigma: float = 0.5
+    sessions: int | None = None
 
 
 Progress = Callable[[int], object]
@@ -88,13 +93,17 @@ async def _pipeline_mode(
 ) -> dict[str, Any]:
     from sluicegate.bench.pipeline_mode import (
         DEFAULT_RATE,
+        SESSIONS,
         pipeline_settings,
         pipeline_warmup,
         run_pipeline_mode,
     )
     from sluicegate.bench.report import build_pipeline_report
 
+    if options.model_latency_ms is not None:
+        return await _model_latency_mode(settings, options, progress)
     rate = options.rate if options.rate is not None else DEFAULT_RATE
+    sessions = options.sessions or SESSIONS
     results = await run_pipeline_mode(
         settings,
         options.kinds,
@@ -102,15 +111,69 @@ async def _pipeline_mode(
         rate=rate,
         timeout_s=options.timeout_s,
         progress=progress,
+        sessions=sessions,
     )
     extra = {
-        **pipeline_settings(rate, "subprocess"),
+        **pipeline_settings(rate, "subprocess", sessions),
         "warmup_messages": pipeline_warmup(options.messages),
     }
+    return build_pipeline_report(results, await _pipeline_meta(settings, options, extra))
+
+
+async def _model_latency_mode(
+    settings: Settings, options: BenchOptions, progress: Progress
+) -> dict[str, Any]:
+    """``--mode pipeline --model-latency MS``: an instant and a slow model, per transport."""
+    import os
+    from dataclasses import replace
+
+    from sluicegate.bench.model_latency import (
+        DEFAULT_RATE,
+        budget_for,
+        client_concurrency,
+        model_latency_settings,
+        run_model_latency_mode,
+        sessions_for,
+    )
+    from sluicegate.bench.pipeline_mode import ModelSpec, pipeline_settings, pipeline_warmup
+    from sluicegate.bench.report import PERCENTILE_RULE, build_model_latency_report
+
+    assert options.model_latency_ms is not None
+    spec = ModelSpec(options.model_latency_ms, options.model_sigma)
+    rate = options.rate if options.rate is not None else DEFAULT_RATE
+    sessions = options.sessions or sessions_for(rate, spec)
+    spec = replace(spec, concurrency=client_concurrency(os.environ, sessions))
+    pairs = await run_model_latency_mode(
+        settings,
+        options.kinds,
+        tasks=options.messages,
+        rate=rate,
+        timeout_s=options.timeout_s,
+        spec=spec,
+        sessions=sessions,
+        progress=progress,
+    )
+    extra = {
+        **pipeline_settings(rate, "subprocess", sessions),
+        **model_latency_settings(spec),
+        "rate_rule": (
+            f"--rate, else {DEFAULT_RATE:g}/s: above the pipeline's capacity, so the "
+            "instant run saturates (sluicegate.bench.model_latency)"
+        ),
+        "percentile_rule": PERCENTILE_RULE,
+        "warmup_messages": pipeline_warmup(options.messages),
+    }
+    meta = await _pipeline_meta(settings, options, extra)
+    return build_model_latency_report(pairs, meta, budget_for(spec.median_ms))
+
+
+async def _pipeline_meta(
+    settings: Settings, options: BenchOptions, extra: dict[str, Any]
+) -> dict[str, Any]:
     meta = await _meta(settings, options, extra)
     for unused in ("size_bytes", "sizes", "batch"):  # transport-mode knobs
         meta["settings"].pop(unused, None)
-    return build_pipeline_report(results, meta)
+    return meta
 
 
 # Mode name -> runner.
@@ -191,7 +254,8 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     show_default=True,
     help=(
         "transport: publish/consume vs the raw clients; step: one stateful step vs a bare loop; "
-        "pipeline: every step end to end at --rate tasks/s (default 100)."
+        "pipeline: every step end to end at --rate tasks/s (default 100; 600 with "
+        "--model-latency)."
     ),
 )
 @click.option("--messages", type=click.IntRange(min=10), default=20_000, show_default=True)
@@ -207,7 +271,10 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Fixed rate in msgs/s, open loop (default: max throughput; pipeline mode: 100 tasks/s).",
+    help=(
+        "Fixed rate in msgs/s, open loop (default: max throughput; pipeline mode: 100 tasks/s, "
+        "600 with --model-latency)."
+    ),
 )
 @click.option(
     "--batch",
@@ -230,6 +297,33 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
     help="Step mode: skip the Faust runs (plain agent and engine) on Kafka.",
 )
 @click.option("--faust-timeout", "faust_timeout_s", type=click.FloatRange(min=1), default=120.0)
+@click.option(
+    "--model-latency",
+    "model_latency_ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=(
+        "Pipeline mode: the planner asks a loopback model stand-in answering after log-normal "
+        "delays around MS milliseconds, beside the same load with an instant model; reports "
+        "their tasks/s ratio against the budget (default --rate 600)."
+    ),
+)
+@click.option(
+    "--model-sigma",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="With --model-latency: the spread of the delays' logarithm (0.5: p99 ~ 3.2x median).",
+)
+@click.option(
+    "--sessions",
+    type=click.IntRange(min=1),
+    default=None,
+    help=(
+        "Pipeline mode: sessions the tasks spread over (default 50; with --model-latency, "
+        "4 x rate x mean model delay)."
+    ),
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(
@@ -243,6 +337,9 @@ def bench(
     timeout_s: float,
     no_faust: bool,
     faust_timeout_s: float,
+    model_latency_ms: float | None,
+    model_sigma: float,
+    sessions: int | None,
     json_path: Path | None,
     plot_path: Path | None,
 ) -> int:
@@ -251,12 +348,19 @@ def bench(
     Every figure is measured beside its baseline in the same run, since these
     machines are shared: read ratios, not absolute rates. Pipeline mode runs
     every step with the policy gate and Postgres sinks at a fixed offered rate
-    and reports tasks/s and end-to-end latency. Uses SLUICE_NATS_URL,
+    and reports tasks/s and end-to-end latency; with --model-latency MS the planner
+    asks a loopback model stand-in answering in about MS milliseconds, beside an
+    instant one, and the ratio of their tasks/s is checked against the budget
+    (>= 0.9 at 200 ms, >= 0.8 at 2 s). Uses SLUICE_NATS_URL,
     SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL (step and pipeline modes) and
     SLUICE_PARTITIONS; everything it creates lives under a unique prefix (and
     schema) and is deleted afterwards.
     """
     kinds = _parse_kinds(transports)
+    if mode != "pipeline":
+        for flag, value in (("--model-latency", model_latency_ms), ("--sessions", sessions)):
+            if value is not None:
+                raise click.UsageError(f"{flag} applies to --mode pipeline only")
     runner = MODES.get(mode)
     if runner is None:
         raise click.UsageError(
@@ -273,6 +377,9 @@ def bench(
         timeout_s=timeout_s,
         faust=not no_faust,
         faust_timeout_s=faust_timeout_s,
+        model_latency_ms=model_latency_ms,
+        model_sigma=model_sigma,
+        sessions=sessions,
     )
     report = _run(runner, settings, options, _total(mode, options))
 
@@ -297,7 +404,9 @@ def _total(mode: str, options: BenchOptions) -> int:
 
         return options.messages * len(options.sizes) * cases_per_size(options.kinds)
     if mode == "pipeline":
-        return options.messages * len(options.kinds)  # one result per task per transport
+        # One result per task per transport, twice with a model (instant, then slow).
+        runs = 1 if options.model_latency_ms is None else 2
+        return options.messages * len(options.kinds) * runs
     faust_runs = 2 if options.faust and "kafka" in options.kinds else 0  # agent and engine
     return options.messages * (2 * len(options.kinds) + faust_runs)
 
@@ -325,8 +434,9 @@ def _failed(report: dict[str, Any]) -> bool:
     objects: list[dict[str, Any]] = []
     for obj in report.get("transports", {}).values():
         objects.append(obj)
-        if "core" in obj:
-            objects.append(obj["core"])
+        for inner in ("core", "zero_latency"):  # NATS core; the instant-model run
+            if inner in obj:
+                objects.append(obj[inner])
     return any(obj.get("error") for obj in objects)
 
 

@@ -11,7 +11,10 @@ Modules:
 
 - ``latency``: message stamps, warm-up, HDR histogram percentiles;
 - ``endpoints``: one interface over our transports and the raw clients;
-- ``transport_mode`` / ``step_mode``: the measurements;
+- ``transport_mode`` / ``step_mode`` / ``pipeline_mode``: the measurements;
+- ``model_latency``: ``--model-latency``, the pipeline with a slow model beside
+  an instant one; ``model_standin``: the loopback OpenAI-compatible model it
+  asks; ``rss``: the worker's memory over a run;
 - ``step_work``: the stateful, policy-gate-like step both engines run;
 - ``report``, ``plot``, ``environment``: what gets written out.
 """

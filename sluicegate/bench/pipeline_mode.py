@@ -25,7 +25,18 @@ How one case runs:
    while a send waits for its acks goes out in the next send, still
    carrying its due time, so a stall shows as latency (no coordinated
    omission);
-5. the observer records, per task id, when its ``task.completed`` arrives.
+5. the observer records, per task id, when its ``task.completed`` arrives;
+   meanwhile the worker's resident memory (``VmRSS``) is sampled once a
+   second (``sluicegate.bench.rss``), from the first scheduled task to the
+   last result.
+
+With a model (``model=ModelSpec(...)``, what ``--model-latency`` runs, see
+``sluicegate.bench.model_latency``): before the worker starts, a model
+stand-in (``sluicegate.bench.model_standin``) is started as another child
+process and the worker is pointed at it through ``SLUICE_LLM_URL``, so the
+planner step asks it over HTTP for every plan; its counters are reset after
+the primer, and read (requests, peak in flight, the delays drawn) after the
+last result.
 
 Latency is arrival minus due time (both ``time.monotonic_ns`` of this
 process), for the tasks after the warm-up. ``tasks_per_s`` is those tasks
@@ -52,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -67,12 +79,24 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
+from agents.openai_planner import DEFAULT_TIMEOUT_S as PLANNER_TIMEOUT_S
+from agents.pipeline import reference_steps
+from agents.planner import make_planner
 from agents.topics import RESULTS
+from policy.gate import PolicyGate
 from sinks.db import connect
 from sinks.migrate import migrate
 from sinks.queries import count_results
 from sluicegate.bench.endpoints import delete_kafka_prefix, delete_nats_streams
 from sluicegate.bench.latency import CURVE_PERCENTILES, LatencyRecorder, Percentiles
+from sluicegate.bench.model_standin import (
+    DEFAULT_SEED,
+    DEFAULT_SIGMA,
+    MODEL_NAME,
+    StandinProcess,
+    StandinStats,
+)
+from sluicegate.bench.rss import RssSampler, RssSeries
 from sluicegate.pipeline import TOPICS, build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.samples import generate
@@ -116,6 +140,38 @@ WARMUP_RULE = "max(10% of tasks, 100), at most half (after the primer tasks)"
 SUSTAINED_SHARE = 0.9
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The model stand-in a case's planner asks: log-normal delays around ``median_ms``."""
+
+    median_ms: float
+    sigma: float = DEFAULT_SIGMA
+    seed: int = DEFAULT_SEED
+    # The model client's bound on requests in flight (SLUICE_LLM_CONCURRENCY); None: its default.
+    concurrency: int | None = None
+
+    def planner_timeout_s(self) -> float:
+        """The planner's HTTP timeout: far beyond the delays drawn (20x the median is 6 sigma)."""
+        return max(PLANNER_TIMEOUT_S, 20.0 * self.median_ms / 1000.0)
+
+    def worker_env(self, url: str) -> dict[str, str]:
+        """What makes the worker's planner the OpenAI planner asking the stand-in at ``url``.
+
+        No request-rate limit (``SLUICE_LLM_RPM`` blank): one set for a real
+        endpoint would measure itself here, not the pipeline.
+        """
+        env = {
+            "SLUICE_LLM_URL": url,
+            "SLUICE_LLM_MODEL": MODEL_NAME,
+            "SLUICE_LLM_API_KEY": "",  # never send a real key to the stand-in
+            "SLUICE_LLM_TIMEOUT": f"{self.planner_timeout_s():g}",
+            "SLUICE_LLM_RPM": "",
+        }
+        if self.concurrency is not None:
+            env["SLUICE_LLM_CONCURRENCY"] = str(self.concurrency)
+        return env
+
+
 def pipeline_warmup(n: int) -> int:
     """Tasks excluded from the figures at the start of the schedule."""
     return min(max(int(n * WARMUP_FRACTION), WARMUP_TASKS), n // 2)
@@ -138,6 +194,9 @@ class PipelineResult:
     duplicates: int = 0  # results seen again for a task already completed
     statuses: dict[str, int] = field(default_factory=dict)
     tasks_per_s: float = 0.0
+    # Completions per second between the 10th and 90th percentile of arrivals: the
+    # rate mid-run, without the ramp-up and the drain's last latency (mid_run_rate).
+    mid_run_tasks_per_s: float = 0.0
     publish_rate: float = 0.0  # what the publisher achieved against its schedule
     publish_lag_ms: float = 0.0  # the furthest a send fell behind its due time
     latency: Percentiles = field(default_factory=Percentiles.empty)
@@ -154,6 +213,12 @@ class PipelineResult:
     load_after: float | None = None
     primer_s: float = 0.0  # worker start to the primer's last result
     seconds: float = 0.0
+    sessions: int = 0  # sessions the tasks spread over
+    # The worker's RSS from the first scheduled task to the last result.
+    rss: RssSeries | None = None
+    # With a model stand-in: what it was asked for, and what it counted after the primer.
+    model_spec: ModelSpec | None = None
+    model: StandinStats | None = None
     error: str | None = None
 
     @property
@@ -245,6 +310,7 @@ def summarise(result: PipelineResult, tally: Tally) -> None:
     result.latency = recorder.percentiles()
     result.curve = recorder.curve_ms(CURVE_PERCENTILES)
     result.tasks_per_s = completion_rate(measured, tally.due_ns, tally.arrived_ns)
+    result.mid_run_tasks_per_s = mid_run_rate([tally.arrived_ns[i] for i in measured])
     result.published = tally.published
     result.publish_lag_ms = tally.worst_lag_ns / 1e6
     sends = tally.sends
@@ -274,6 +340,28 @@ def completion_rate(
     return _rate(len(measured), last_arrival - first_due)
 
 
+MID_RUN = (0.1, 0.9)
+
+
+def mid_run_rate(arrivals_ns: Sequence[int], window: tuple[float, float] = MID_RUN) -> float:
+    """Completions per second between two quantiles of the arrival times (0 for < 10 tasks).
+
+    ``tasks_per_s`` ends at the last result, so it carries one latency's
+    worth of drain: negligible for a 200 ms model over a minute's run, but a
+    2 s log-normal model's last tasks add several seconds (their p99 is
+    about 6.4 s), which costs a 20,000-task run about a tenth of its rate.
+    Between the 10% and 90% marks of the arrivals a saturated pipeline
+    completes at its capacity, whatever its latency: the rate the budget
+    means by "the tasks/s it reaches".
+    """
+    m = len(arrivals_ns)
+    if m < 10:
+        return 0.0
+    ordered = sorted(arrivals_ns)
+    lo, hi = int(window[0] * (m - 1)), math.ceil(window[1] * (m - 1))
+    return _rate(hi - lo, ordered[hi] - ordered[lo])
+
+
 def _rate(count: int, elapsed_ns: int) -> float:
     return count / (elapsed_ns / 1e9) if count > 0 and elapsed_ns > 0 else 0.0
 
@@ -281,9 +369,9 @@ def _rate(count: int, elapsed_ns: int) -> float:
 # -- the load ------------------------------------------------------------------------
 
 
-def task_objects(n: int, *, seed: int = 7) -> list[dict[str, Any]]:
+def task_objects(n: int, *, seed: int = 7, sessions: int = SESSIONS) -> list[dict[str, Any]]:
     """``n`` upstream tasks as ``sluice publish --generate`` makes them."""
-    return list(generate(n, sessions=SESSIONS, seed=seed))
+    return list(generate(n, sessions=sessions, seed=seed))
 
 
 async def publish_at_rate(
@@ -373,6 +461,10 @@ class Worker(Protocol):
         """CPU time (user + system) the worker has used so far, if it can be read."""
         ...
 
+    def pid(self) -> int | None:
+        """The process the worker runs in (for its RSS), once started."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -392,8 +484,10 @@ def worker_env(settings: Settings, kind: TransportName) -> dict[str, str]:
 class SubprocessWorker:
     """``python -m sluicegate run`` as a child; its log goes to a temporary file."""
 
-    def __init__(self, settings: Settings, kind: TransportName) -> None:
-        self.env = {**os.environ, **worker_env(settings, kind)}
+    def __init__(
+        self, settings: Settings, kind: TransportName, extra_env: Mapping[str, str] | None = None
+    ) -> None:
+        self.env = {**os.environ, **worker_env(settings, kind), **(extra_env or {})}
         fd, name = tempfile.mkstemp(prefix="sluice-bench-pipeline-", suffix=".log")
         os.close(fd)  # reopened by start(); only the unique name is wanted here
         self.log = Path(name)
@@ -424,6 +518,9 @@ class SubprocessWorker:
     def cpu_seconds(self) -> float | None:
         return None if self._proc is None else process_cpu_seconds(self._proc.pid)
 
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def log_tail(self, lines: int = 6) -> str:
         try:
             text = self.log.read_text(errors="replace").strip()
@@ -447,15 +544,23 @@ class SubprocessWorker:
 class InProcessWorker:
     """``run_steps`` in a task of this event loop (for comparison; see the module docstring)."""
 
-    def __init__(self, settings: Settings, kind: TransportName) -> None:
+    def __init__(
+        self, settings: Settings, kind: TransportName, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.kind = kind
+        self.extra_env = dict(extra_env or {})
         self._stop = asyncio.Event()
         self._task: asyncio.Task[list[StepRunner]] | None = None
 
     async def start(self) -> None:
+        if self.extra_env:  # the planner from these variables, as a child would read them
+            env = {**os.environ, **self.extra_env}
+            steps = reference_steps(planner=make_planner(env), make_gate=PolicyGate)
+        else:
+            steps = build_steps()
         self._task = asyncio.create_task(
-            run_steps(build_steps(), self.settings, stop=self._stop, kind=self.kind)
+            run_steps(steps, self.settings, stop=self._stop, kind=self.kind)
         )
 
     def failure(self) -> str | None:
@@ -468,6 +573,9 @@ class InProcessWorker:
     def cpu_seconds(self) -> float | None:
         # The whole process: in-process, the publisher and observer are charged too.
         return time.process_time()
+
+    def pid(self) -> int | None:
+        return os.getpid()  # likewise: this whole process
 
     async def stop(self) -> None:
         self._stop.set()
@@ -501,10 +609,15 @@ def load_average() -> float | None:
         return None
 
 
-def make_worker(kind: WorkerKind, settings: Settings, transport: TransportName) -> Worker:
+def make_worker(
+    kind: WorkerKind,
+    settings: Settings,
+    transport: TransportName,
+    extra_env: Mapping[str, str] | None = None,
+) -> Worker:
     if kind == "in-process":
-        return InProcessWorker(settings, transport)
-    return SubprocessWorker(settings, transport)
+        return InProcessWorker(settings, transport, extra_env)
+    return SubprocessWorker(settings, transport, extra_env)
 
 
 # -- one case --------------------------------------------------------------------------
@@ -529,6 +642,8 @@ async def run_pipeline_case(
     timeout_s: float,
     worker: WorkerKind = "subprocess",
     progress: Progress = lambda _: None,
+    sessions: int = SESSIONS,
+    model: ModelSpec | None = None,
 ) -> PipelineResult:
     """The pipeline on ``kind`` with a fresh prefix and schema; never raises for a slow pipeline.
 
@@ -540,9 +655,13 @@ async def run_pipeline_case(
     ``timeout_s`` bounds the drain: the case gives up ``timeout_s`` after the
     last task fell due (the schedule itself takes ``tasks / rate`` seconds),
     and the primer has its own limit.
+
+    ``model``: the planner asks a model stand-in (see the module docstring)
+    instead of planning by rules.
     """
     n = tasks
-    result = PipelineResult(kind, rate, n, pipeline_warmup(n), worker=worker)
+    result = PipelineResult(kind, rate, n, pipeline_warmup(n), worker=worker, sessions=sessions)
+    result.model_spec = model
     tag = uuid.uuid4().hex[:10]
     settings = settings.model_copy(
         update={
@@ -559,6 +678,7 @@ async def run_pipeline_case(
     await migrate(settings.resolved_database_url(), schema=settings.db_schema)
     transport = make_transport(settings, kind)
     running: Worker | None = None
+    standin: StandinProcess | None = None
     connected = False
     try:
         await transport.connect()
@@ -568,16 +688,25 @@ async def run_pipeline_case(
         await transport.ensure_topics(TOPICS)
         sub = await transport.subscribe([RESULTS], group=None, start="earliest")
         publisher = Publisher(transport, source="sluice-bench", registry=task_registry())
+        rss: RssSampler | None = None
         try:
-            running = make_worker(worker, settings, kind)
+            extra_env: dict[str, str] = {}
+            if model is not None:
+                standin = StandinProcess(model.median_ms, sigma=model.sigma, seed=model.seed)
+                await standin.start()
+                extra_env = model.worker_env(standin.url)
+            running = make_worker(worker, settings, kind, extra_env)
             await running.start()
             primer_started = time.monotonic()
             await _guarded(running, prime(publisher, sub, PRIMER_TASKS, PRIMER_TIMEOUT_S))
             result.primer_s = time.monotonic() - primer_started
+            if standin is not None:
+                await standin.reset()  # count the measured tasks' calls only
+            load = task_objects(n, sessions=sessions)
+            rss = RssSampler(running.pid())
+            rss.start()
             cpu_before, wall_before = running.cpu_seconds(), time.monotonic()
-            await _measure(
-                running, publisher, sub, task_objects(n), rate, tally, timeout_s, progress
-            )
+            await _measure(running, publisher, sub, load, rate, tally, timeout_s, progress)
             cpu_after = running.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
                 result.worker_cpu_s = cpu_after - cpu_before
@@ -587,10 +716,16 @@ async def run_pipeline_case(
         except Exception as exc:  # a failing broker or worker is this case's result
             result.error = f"{type(exc).__name__}: {exc}"
         finally:
+            if rss is not None:
+                result.rss = await rss.stop()
             await sub.close()
+            if standin is not None:
+                await _read_model(standin, result)
     finally:
         if running is not None:
             await running.stop()
+        if standin is not None:
+            await standin.stop()
         await transport.close()
         result.results_rows = await _count_results(settings)
         result.seconds = time.monotonic() - started
@@ -598,6 +733,22 @@ async def run_pipeline_case(
         await _cleanup(settings, kind, topics=connected)
     summarise(result, tally)
     return result
+
+
+async def _read_model(standin: StandinProcess, result: PipelineResult) -> None:
+    """The stand-in's counters into ``result``; a stand-in that died is the case's error.
+
+    A dead stand-in does not stop the pipeline (the planner fails closed into
+    an echo saying so), so without this check its results would look fine.
+    """
+    problem = standin.failure()
+    if problem is None:
+        try:
+            result.model = await standin.stats()
+        except Exception as exc:
+            problem = f"the model stand-in's stats could not be read: {exc}"
+    if problem is not None and result.error is None:
+        result.error = problem
 
 
 async def _guarded(worker: Worker, work: Awaitable[T]) -> T:
@@ -696,6 +847,7 @@ async def run_pipeline_mode(
     timeout_s: float,
     worker: WorkerKind = "subprocess",
     progress: Progress = lambda _: None,
+    sessions: int = SESSIONS,
 ) -> list[PipelineResult]:
     """One case per transport, one after another (they would compete for the cores)."""
     return [
@@ -707,19 +859,20 @@ async def run_pipeline_mode(
             timeout_s=timeout_s,
             worker=worker,
             progress=progress,
+            sessions=sessions,
         )
         for kind in kinds
     ]
 
 
-def pipeline_settings(rate: float, worker: WorkerKind) -> dict[str, Any]:
+def pipeline_settings(rate: float, worker: WorkerKind, sessions: int = SESSIONS) -> dict[str, Any]:
     """What this mode adds to the report's ``settings``."""
     return {
         "load_model": "fixed_rate",
         "rate": rate,
         "worker": worker,
         "primer_tasks": PRIMER_TASKS,
-        "sessions": SESSIONS,
+        "sessions": sessions,
         "warmup_rule": WARMUP_RULE,
         "sustained_share": SUSTAINED_SHARE,
         "steps": [step.name for step in build_steps()],
@@ -728,8 +881,11 @@ def pipeline_settings(rate: float, worker: WorkerKind) -> dict[str, Any]:
 
 __all__: Sequence[str] = (
     "DEFAULT_RATE",
+    "SESSIONS",
+    "ModelSpec",
     "PipelineResult",
     "Tally",
+    "mid_run_rate",
     "pipeline_settings",
     "pipeline_warmup",
     "run_pipeline_case",

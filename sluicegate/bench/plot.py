@@ -4,7 +4,10 @@ Transport mode: latency percentile curves (ours solid, raw client dashed,
 one colour per transport) on a "nines" axis, and end-to-end throughput bars
 of ours beside the raw client. Step mode: bars of the bare loop, the step on
 our runtime and Faust, per transport. Pipeline mode: the end-to-end latency
-percentile curve per transport, and completed tasks/s beside the offered rate.
+percentile curve per transport, completed tasks/s beside the offered rate,
+and the worker's RSS over the run. With ``--model-latency``: the curves and
+RSS of both runs (solid: the slow model, dashed: the instant one), and
+tasks/s of both runs per transport with their ratio and the budget.
 """
 
 from __future__ import annotations
@@ -90,23 +93,57 @@ def _step_figure(report: Mapping[str, Any]) -> Any:
     return fig
 
 
+def _latency_curve(ax: Any, obj: Mapping[str, Any], style: str, colour: str, label: str) -> None:
+    points = obj["latency_curve_ms"]
+    if not points:
+        return
+    xs = [_nines(p) for p, _ in points]
+    ys = [max(ms, 1e-3) for _, ms in points]
+    ax.plot(xs, ys, style, color=colour, marker=".", label=label)
+
+
+def _latency_axes(ax: Any) -> None:
+    ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
+    ax.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
+    ax.set_yscale("log")
+    ax.set_ylabel("task publish → final result (ms)")
+    ax.set_title("End-to-end latency percentiles")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _rss_line(ax: Any, obj: Mapping[str, Any], style: str, colour: str, label: str) -> None:
+    rss = obj.get("worker_rss_mb")
+    if not rss or not rss["samples"]:
+        return
+    ts = [t for t, _ in rss["samples"]]
+    mbs = [mb for _, mb in rss["samples"]]
+    ax.plot(ts, mbs, style, color=colour, label=label)
+
+
+def _rss_axes(ax: Any) -> None:
+    ax.set_xlabel("seconds from the first scheduled task")
+    ax.set_ylabel("worker RSS (MB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Worker resident memory over the run")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _pipeline_figure(report: Mapping[str, Any]) -> Any:
     transports = report["transports"]
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
-    ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
+    if report.get("settings", {}).get("model"):
+        return _model_latency_figure(report)
+    with_rss = any(obj.get("worker_rss_mb") for obj in transports.values())
+    fig, axes = plt.subplots(1, 3 if with_rss else 2, figsize=(19 if with_rss else 13, 5))
+    curves, bars = axes[0], axes[1]
     for i, (key, obj) in enumerate(transports.items()):
-        points = obj["latency_curve_ms"]
-        if not points:
-            continue
-        xs = [_nines(p) for p, _ in points]
-        ys = [max(ms, 1e-3) for _, ms in points]
-        curves.plot(xs, ys, "-", color=f"C{i}", marker=".", label=key)
-    curves.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
-    curves.set_yscale("log")
-    curves.set_ylabel("task publish → final result (ms)")
-    curves.set_title("End-to-end latency percentiles")
-    curves.grid(True, which="both", alpha=0.3)
-    curves.legend(fontsize="small")
+        _latency_curve(curves, obj, "-", f"C{i}", key)
+        if with_rss:
+            _rss_line(axes[2], obj, "-", f"C{i}", key)
+    _latency_axes(curves)
+    if with_rss:
+        _rss_axes(axes[2])
 
     keys = list(transports)
     width = 0.38
@@ -119,6 +156,41 @@ def _pipeline_figure(report: Mapping[str, Any]) -> Any:
     bars.set_ylabel("tasks/s")
     bars.set_title("Completed tasks beside the offered rate")
     bars.legend(fontsize="small")
+    return fig
+
+
+def _model_latency_figure(report: Mapping[str, Any]) -> Any:
+    transports = report["transports"]
+    median = report["settings"]["model"].get("median_ms", 0)
+    fig, (curves, bars, memory) = plt.subplots(1, 3, figsize=(19, 5))
+    for i, (key, obj) in enumerate(transports.items()):
+        colour = f"C{i}"
+        runs = ((obj, "-", f"{median:g} ms model"), (obj["zero_latency"], "--", "instant model"))
+        for run, style, what in runs:
+            _latency_curve(curves, run, style, colour, f"{key}, {what}")
+            _rss_line(memory, run, style, colour, f"{key}, {what}")
+    _latency_axes(curves)
+    _rss_axes(memory)
+
+    keys = list(transports)
+    width = 0.38
+    xs = list(range(len(keys)))
+    zero = [transports[k]["zero_latency_tasks_per_s"] for k in keys]
+    slow = [transports[k]["tasks_per_s"] for k in keys]
+    bars.bar([x - width / 2 for x in xs], zero, width, label="instant model")
+    bars.bar([x + width / 2 for x in xs], slow, width, label=f"{median:g} ms model")
+    for x, key in zip(xs, keys, strict=True):
+        obj = transports[key]
+        ratio, budget = obj.get("model_latency_ratio"), obj.get("budget_ratio")
+        text = f"{ratio:.2f}" if ratio is not None else "-"
+        if budget is not None:
+            text += f" (budget {budget:g})"
+        top = max(obj["zero_latency_tasks_per_s"], obj["tasks_per_s"])
+        bars.annotate(text, (x, top), ha="center", va="bottom", fontsize="small")
+    bars.set_xticks(xs, keys)
+    bars.set_ylabel("tasks/s (steady window)")
+    bars.set_title("Tasks/s with the model beside an instant model")
+    bars.legend(fontsize="small", loc="lower right")
     return fig
 
 

@@ -7,8 +7,17 @@ contract"): one object per transport under ``transports``, with
 (``p50``, ``p99``, ``p999``) in transport mode, and ``step_msgs_per_s``,
 ``baseline_msgs_per_s`` (plus ``faust_msgs_per_s`` and
 ``faust_engine_msgs_per_s`` on Kafka) in step mode,
-and ``tasks_per_s`` and ``latency_ms`` in pipeline mode.
+and ``tasks_per_s`` and ``latency_ms`` in pipeline mode, plus
+``zero_latency_tasks_per_s`` and ``model_peak_in_flight`` with
+``--model-latency`` (with ``model_latency_ratio``, their budget and the
+instant run's own figures under ``zero_latency``).
 Everything else is extra detail and may grow.
+
+Pipeline runs are short next to the transport mode's (hundreds to tens of
+thousands of tasks), so their percentiles are reported only where the
+sample supports them (:data:`PERCENTILE_RULE`): p99 needs 100 measured
+tasks, p99.9 a thousand; an unsupported one is ``null`` in the JSON, "-"
+in the table, and left off the plotted curve.
 
 ``transports.nats`` is NATS JetStream (what the pipeline runs on); the raw
 core NATS figures, for which sluicegate has no transport, ride along as
@@ -17,13 +26,16 @@ core NATS figures, for which sluicegate has no transport, ride along as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sluicegate.bench.step_mode import BUDGET_RATIO, FAUST_BUDGET_RATIO, FaustResult, StepResult
 from sluicegate.bench.transport_mode import CaseResult, TransportRow
 
-if TYPE_CHECKING:  # only its attributes are read: rendering needs no pipeline imports
+if TYPE_CHECKING:  # only their attributes are read: rendering needs no pipeline imports
+    from sluicegate.bench.latency import Percentiles
+    from sluicegate.bench.model_latency import ModelLatencyPair
     from sluicegate.bench.pipeline_mode import PipelineResult
 
 Report = dict[str, Any]
@@ -148,12 +160,43 @@ def build_step_report(results: Sequence[StepResult], meta: Mapping[str, Any]) ->
     return report
 
 
+PERCENTILE_RULE = (
+    "pN is reported when at least 1 / (1 - N/100) tasks were measured (p90: 10, p99: 100, "
+    "p99.9: 1000); null otherwise"
+)
+_LATENCY_KEYS: Mapping[str, float] = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
+
+
+def percentile_supported(percentile: float, count: int) -> bool:
+    """Whether ``count`` samples tell percentile ``percentile`` apart from the maximum."""
+    # Rounded: 1 / (1 - 0.999) is 1000.0000000000009 in floating point.
+    return count > 0 and count >= math.ceil(round(1.0 / (1.0 - percentile / 100.0), 6))
+
+
+def supported_latency(latency: Percentiles) -> dict[str, float | int | None]:
+    """``latency_ms`` with the percentiles the sample does not support set to None."""
+    out: dict[str, float | int | None] = dict(latency.as_dict())
+    for key, percentile in _LATENCY_KEYS.items():
+        if not percentile_supported(percentile, latency.count):
+            out[key] = None
+    return out
+
+
 def pipeline_object(result: PipelineResult) -> dict[str, Any]:
     """One transport's pipeline figures: the contract fields, then what explains them."""
     cpu_per_task, cores = result.worker_cpu_ms_per_task, result.worker_cores
+    count = result.latency.count
+    curve = [[p, ms] for p, ms in result.curve if percentile_supported(p, count)]
+    model: dict[str, Any] | None = None
+    if result.model_spec is not None:
+        spec = result.model_spec
+        model = {"median_ms": spec.median_ms, "sigma": spec.sigma, "seed": spec.seed}
+        if result.model is not None:
+            model.update(result.model.as_json())
     return {
         "tasks_per_s": round(result.tasks_per_s, 1),
-        "latency_ms": result.latency.as_dict(),
+        "latency_ms": supported_latency(result.latency),
+        "mid_run_tasks_per_s": round(result.mid_run_tasks_per_s, 1),
         "offered_rate_per_s": result.offered_rate,
         "published_rate_per_s": round(result.publish_rate, 1),
         "publish_lag_ms": round(result.publish_lag_ms, 1),
@@ -165,14 +208,17 @@ def pipeline_object(result: PipelineResult) -> dict[str, Any]:
         "duplicates": result.duplicates,
         "statuses": dict(result.statuses),
         "results_rows": result.results_rows,
-        "latency_curve_ms": [[p, ms] for p, ms in result.curve],
+        "latency_curve_ms": curve,
+        "sessions": result.sessions,
         "worker": result.worker,
         "topic_prefix": result.topic_prefix,
         "db_schema": result.db_schema,
         "worker_cpu_s": round(result.worker_cpu_s, 2) if result.worker_cpu_s is not None else None,
         "worker_cpu_ms_per_task": round(cpu_per_task, 2) if cpu_per_task is not None else None,
         "worker_cores": round(cores, 2) if cores is not None else None,
+        "worker_rss_mb": result.rss.as_json() if result.rss is not None else None,
         "load_average": {"before": result.load_before, "after": result.load_after},
+        "model": model,
         "primer_s": round(result.primer_s, 2),
         "seconds": round(result.seconds, 2),
         "error": result.error,
@@ -182,6 +228,41 @@ def pipeline_object(result: PipelineResult) -> dict[str, Any]:
 def build_pipeline_report(results: Sequence[PipelineResult], meta: Mapping[str, Any]) -> Report:
     report: Report = {"format": REPORT_FORMAT, "mode": "pipeline", **meta}
     report["transports"] = {r.key: pipeline_object(r) for r in results}
+    return report
+
+
+def _within(ratio: float | None, budget: float | None) -> bool | None:
+    """Whether ``ratio`` meets ``budget``; None when there is no budget."""
+    return None if budget is None else ratio is not None and ratio >= budget
+
+
+def model_latency_object(pair: ModelLatencyPair, budget: float | None) -> dict[str, Any]:
+    """The slow-model run's figures, beside the instant run's tasks/s, their ratio and budget."""
+    obj = pipeline_object(pair.model)
+    ratio, mid = pair.ratio, pair.mid_run_ratio
+    model = obj.get("model") or {}
+    obj.update(
+        {
+            "zero_latency_tasks_per_s": round(pair.zero.tasks_per_s, 1),
+            "model_peak_in_flight": model.get("peak_in_flight"),
+            "model_latency_ratio": round(ratio, 3) if ratio is not None else None,
+            "budget_ratio": budget,
+            "within_budget": _within(ratio, budget),
+            "mid_run_ratio": round(mid, 3) if mid is not None else None,
+            "mid_run_within_budget": _within(mid, budget),
+            "zero_latency_saturated": pair.zero_saturated,
+            "zero_latency": pipeline_object(pair.zero),
+        }
+    )
+    return obj
+
+
+def build_model_latency_report(
+    pairs: Sequence[ModelLatencyPair], meta: Mapping[str, Any], budget: float | None
+) -> Report:
+    """Pipeline mode with ``--model-latency``: one object per transport, as DESIGN.md has it."""
+    report: Report = {"format": REPORT_FORMAT, "mode": "pipeline", **meta}
+    report["transports"] = {p.key: model_latency_object(p, budget) for p in pairs}
     return report
 
 
@@ -276,7 +357,19 @@ _PIPELINE_HEADER = (
 )
 
 
+def _rss_note(label: str, obj: Mapping[str, Any]) -> str | None:
+    rss = obj.get("worker_rss_mb")
+    if not rss:
+        return None
+    return (
+        f"{label} worker RSS MB: start {rss['start']:.1f}, peak {rss['peak']:.1f}, "
+        f"end {rss['end']:.1f} ({len(rss['samples'])} samples)"
+    )
+
+
 def _pipeline_table(report: Mapping[str, Any]) -> str:
+    if report.get("settings", {}).get("model"):
+        return _model_latency_table(report)
     lines: list[list[str]] = []
     notes: list[str] = []
     for key, obj in report["transports"].items():
@@ -302,6 +395,9 @@ def _pipeline_table(report: Mapping[str, Any]) -> str:
             f"{key} statuses: {statuses or '-'}; load average {_n(load.get('before'), 2)}"
             f" -> {_n(load.get('after'), 2)}"
         )
+        rss = _rss_note(key, obj)
+        if rss:
+            notes.append(rss)
         if obj.get("error"):
             notes.append(f"{key} ! {obj['error']}")
     settings = report.get("settings", {})
@@ -310,6 +406,120 @@ def _pipeline_table(report: Mapping[str, Any]) -> str:
         f"{settings.get('rate', 0):g}/s offered, worker: {settings.get('worker', '?')}"
     )
     return "\n".join([title, _grid(_PIPELINE_HEADER, lines), *notes])
+
+
+_MODEL_RUN_HEADER = (
+    "transport, model",
+    "offered/s",
+    "tasks/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "done",
+    "cpu ms/task",
+    "model calls",
+    "peak in flight",
+    "RSS MB start/peak/end",
+)
+_MODEL_RATIO_HEADER = (
+    "transport",
+    "instant tasks/s",
+    "model tasks/s",
+    "ratio",
+    "budget",
+    "verdict",
+    "mid-run ratio",
+    "verdict",
+    "instant run",
+)
+
+
+def _model_run_line(label: str, obj: Mapping[str, Any]) -> list[str]:
+    lat = obj["latency_ms"]
+    model = obj.get("model") or {}
+    rss = obj.get("worker_rss_mb")
+    rss_text = f"{rss['start']:.0f}/{rss['peak']:.0f}/{rss['end']:.0f}" if rss else "-"
+    return [
+        label,
+        _n(obj["offered_rate_per_s"]),
+        _n(obj["tasks_per_s"]),
+        *(_n(lat[p], 1) for p in ("p50", "p99", "p999", "max")),
+        f"{obj['completed']}/{obj['tasks']}",
+        _n(obj.get("worker_cpu_ms_per_task"), 2),
+        _n(model.get("requests")),
+        _n(model.get("peak_in_flight")),
+        rss_text,
+    ]
+
+
+def _verdict(obj: Mapping[str, Any], mid_run: bool = False) -> str:
+    if obj.get("budget_ratio") is None:
+        return "no budget"
+    ratio, within = (
+        ("mid_run_ratio", "mid_run_within_budget")
+        if mid_run
+        else ("model_latency_ratio", "within_budget")
+    )
+    if obj.get(ratio) is None:
+        return "-"
+    return "met" if obj.get(within) else "NOT MET"
+
+
+def _model_latency_table(report: Mapping[str, Any]) -> str:
+    settings = report.get("settings", {})
+    spec = settings.get("model") or {}
+    median = spec.get("median_ms", 0)
+    runs: list[list[str]] = []
+    ratios: list[list[str]] = []
+    notes: list[str] = []
+    for key, obj in report["transports"].items():
+        zero = obj["zero_latency"]
+        runs.append(_model_run_line(f"{key}, instant", zero))
+        runs.append(_model_run_line(f"{key}, {median:g} ms", obj))
+        ratio, budget = obj.get("model_latency_ratio"), obj.get("budget_ratio")
+        mid = obj.get("mid_run_ratio")
+        ratios.append(
+            [
+                key,
+                _n(obj["zero_latency_tasks_per_s"]),
+                _n(obj["tasks_per_s"]),
+                f"{ratio:.2f}" if ratio is not None else "-",
+                f">={budget:g}" if budget is not None else "-",
+                _verdict(obj),
+                f"{mid:.2f}" if mid is not None else "-",
+                _verdict(obj, mid_run=True),
+                "saturated" if obj.get("zero_latency_saturated") else "kept up",
+            ]
+        )
+        for label, run in ((f"{key}, instant", zero), (f"{key}, {median:g} ms", obj)):
+            statuses = ", ".join(f"{name} {count}" for name, count in run["statuses"].items())
+            notes.append(f"{label} statuses: {statuses or '-'}")
+            if run.get("error"):
+                notes.append(f"{label} ! {run['error']}")
+        if not obj.get("zero_latency_saturated") and zero.get("error") is None:
+            notes.append(
+                f"{key}: the instant run kept up with the offered rate, so the ratio is bounded "
+                "by the offered load, not the pipeline's capacity: raise --rate"
+            )
+    title = (
+        f"pipeline benchmark with a model: {settings.get('messages', '?')} tasks at "
+        f"{settings.get('rate', 0):g}/s offered, log-normal model median {median:g} ms "
+        f"(sigma {spec.get('sigma', 0):g}), {settings.get('sessions', '?')} sessions, "
+        f"worker: {settings.get('worker', '?')}"
+    )
+    return "\n".join(
+        [
+            title,
+            _grid(_MODEL_RUN_HEADER, runs),
+            "",
+            f"budget: tasks/s with the model over tasks/s with an instant model "
+            f"({settings.get('budget_rule', '')}); mid-run: the same between the 10% and "
+            "90% marks of the results, without the last tasks' model latency",
+            _grid(_MODEL_RATIO_HEADER, ratios),
+            *notes,
+        ]
+    )
 
 
 def _ratio_text(value: float | None, present: bool) -> str:
