@@ -297,6 +297,7 @@ class StepRunner:
         self._running = True
         committer = asyncio.create_task(self._committer(), name=f"{self.processor.name} commits")
         failures = 0
+        drain = True
         try:
             while not stop.is_set():
                 try:
@@ -311,9 +312,13 @@ class StepRunner:
                     failures = 0
                 except (TransportError, OSError, StoreUnavailableError, StaleBatchError) as exc:
                     failures = await self._back_off(failures, exc)
+        except asyncio.CancelledError:
+            # Cancelled, not stopped: no waiting for events in flight.
+            drain = False
+            raise
         finally:
             self._running = False
-            await self._drain(stop_committer=committer)
+            await self._drain(committer, wait=drain)
 
     async def _back_off(self, failures: int, exc: BaseException) -> int:
         failures += 1
@@ -413,9 +418,9 @@ class StepRunner:
             sub, self._sub = self._sub, None
             await sub.close()
 
-    async def _drain(self, stop_committer: asyncio.Task[None]) -> None:
+    async def _drain(self, stop_committer: asyncio.Task[None], *, wait: bool) -> None:
         """Shutdown: let in-flight events finish (bounded), checkpoint them, stop committing."""
-        if self._tasks:
+        if self._tasks and wait:
             log.info(
                 "%s: draining %d events in flight (up to %gs)",
                 self.processor.name,

@@ -2,7 +2,9 @@
 
 Runs `sluice run` as a real subprocess against real brokers and Postgres, kills
 it with SIGKILL while it works, restarts it, and compares the end state with
-an uninterrupted run of the same input.
+an uninterrupted run of the same input. With a slow model (the planner on a
+loopback stand-in answering in about 200 ms) hundreds of events are in flight
+when the kills land, and inputs done above a gap are absorbed by id.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sluicegate.bench.model_standin import ModelStandin
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import run_steps
 from tests.integration.crash_support import assert_same_end_state, kill_twice_then_finish
@@ -30,8 +33,29 @@ pytestmark = pytest.mark.integration
 TASKS = 5000
 
 
+@pytest.mark.parametrize("model_ms", [None, 200], ids=["rules", "model200ms"])
 @pytest.mark.parametrize("kind", ["nats", "kafka"])
 async def test_sigkill_twice_loses_nothing_and_duplicates_nothing(
+    kind: str,
+    model_ms: int | None,
+    nats_url: str,
+    kafka_bootstrap: str,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if model_ms is None:
+        await _crash_and_compare(kind, nats_url, kafka_bootstrap, database_url, tmp_path)
+        return
+    async with ModelStandin(median_ms=model_ms, sigma=0.5) as standin:
+        # The workers (subprocesses) and the calm run both plan with it.
+        monkeypatch.setenv("SLUICE_LLM_URL", standin.url)
+        monkeypatch.setenv("SLUICE_LLM_CONCURRENCY", "1024")
+        await _crash_and_compare(kind, nats_url, kafka_bootstrap, database_url, tmp_path)
+        assert standin.peak_in_flight >= 100, f"only {standin.peak_in_flight} calls at once"
+
+
+async def _crash_and_compare(
     kind: str, nats_url: str, kafka_bootstrap: str, database_url: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
