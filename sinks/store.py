@@ -5,9 +5,10 @@ One ``commit`` is one transaction in three round trips (plus the COPY):
 1. pipeline: ``BEGIN``; reserve and lock (one upsert each) the batch's
    ``step_offsets`` rows and the ``audit_chains`` heads it extends. Locks are
    taken in a fixed order (offsets, then heads, each sorted), so concurrent
-   committers queue instead of deadlocking. A stored offset at or beyond the
-   batch's first offset means another worker got there first: ``ROLLBACK``
-   and ``StaleBatchError`` (zombie fencing);
+   committers queue instead of deadlocking. A stored ownership epoch other
+   than the batch's means the partition was claimed by another worker since
+   (a batch without epochs: a stored offset at or beyond its first offset):
+   ``ROLLBACK`` and ``StaleBatchError`` (zombie fencing);
 2. ``COPY`` the audit rows, hash-chained onto the locked heads;
 3. pipeline: advance the heads and the offsets, upsert the changed states,
    insert the results (``ON CONFLICT DO NOTHING``), ``COMMIT``.
@@ -37,7 +38,7 @@ from psycopg.adapt import Dumper
 
 from sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
 from sinks.db import DEFAULT_SCHEMA, check_schema, connect
-from streams.checkpoint import INPUT_KINDS, CommitBatch, StaleBatchError
+from streams.checkpoint import INPUT_KINDS, CommitBatch, Progress, StaleBatchError, stale_epoch
 from streams.step import ResultRecord, StateKey
 from streams.transport import TopicPartition
 
@@ -88,7 +89,7 @@ SELECT %b, b.topic, b.partition
 FROM unnest(%b::text[], %b::int[]) AS b(topic, partition)
 ORDER BY b.topic, b.partition
 ON CONFLICT (step, topic, partition) DO UPDATE SET last_offset = o.last_offset
-RETURNING o.topic, o.partition, o.last_offset
+RETURNING o.topic, o.partition, o.last_offset, o.epoch, o.owner
 """
 _LOCK_HEADS = """
 INSERT INTO audit_chains AS c (step, partition, seq, hash)
@@ -98,6 +99,23 @@ RETURNING c.partition, c.seq, c.hash
 """
 
 # -- round trip 3: write and commit -------------------------------------------
+
+# A claim is one statement (the connection autocommits outside commit()).
+_CLAIM = """
+INSERT INTO step_offsets AS o (step, topic, partition, epoch, owner)
+SELECT %b, b.topic, b.partition, 1, %b
+FROM unnest(%b::text[], %b::int[]) AS b(topic, partition)
+ORDER BY b.topic, b.partition
+ON CONFLICT (step, topic, partition) DO UPDATE
+SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = now()
+RETURNING o.topic, o.partition, o.last_offset, o.epoch, o.owner
+"""
+_LOAD_PROGRESS = """
+SELECT o.topic, o.partition, o.last_offset, o.epoch, o.owner
+FROM step_offsets o
+JOIN unnest(%b::text[], %b::int[]) AS b(topic, partition) USING (topic, partition)
+WHERE o.step = %b
+"""
 
 _ADVANCE_OFFSETS = """
 UPDATE step_offsets o SET last_offset = b.last_offset, updated_at = now()
@@ -236,6 +254,30 @@ class PostgresCheckpointStore:
             rows = await cur.fetchall()
         return {TopicPartition(topic, partition): last for topic, partition, last in rows}
 
+    async def claim(
+        self, step: str, tps: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Progress]:
+        wanted = sorted(set(tps))
+        if not wanted:
+            return {}
+        topics, partitions = [tp.topic for tp in wanted], [tp.partition for tp in wanted]
+        async with self._session() as conn:
+            cur = await conn.execute(_CLAIM, (step, owner, topics, partitions))
+            rows = await cur.fetchall()
+        return _progress(rows)
+
+    async def load_progress(
+        self, step: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, Progress]:
+        wanted = sorted(set(tps))
+        if not wanted:
+            return {}
+        topics, partitions = [tp.topic for tp in wanted], [tp.partition for tp in wanted]
+        async with self._session() as conn:
+            cur = await conn.execute(_LOAD_PROGRESS, (topics, partitions, step))
+            rows = await cur.fetchall()
+        return _progress(rows)
+
     async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
         wanted = sorted(set(partitions))
         if not wanted:
@@ -338,6 +380,8 @@ class _Commit:
     def __init__(self, conn: Conn, batch: CommitBatch) -> None:
         self.conn = conn
         self.batch = batch
+        # Rows locked: those the batch advances and those it is fenced on.
+        self.locked = sorted(set(batch.offsets) | set(batch.epochs))
         self.tps = sorted(batch.offsets)
         self.chain_partitions = sorted({partition for partition, _ in batch.audit})
 
@@ -351,28 +395,36 @@ class _Commit:
             audit_rows = await self.copy_audit(rows)
         return await self.finish(heads, audit_rows=audit_rows)
 
-    async def lock(self) -> tuple[dict[TopicPartition, int | None], dict[int, ChainHead]]:
+    async def lock(self) -> tuple[dict[TopicPartition, Progress], dict[int, ChainHead]]:
         """Round trip 1: begin, reserve and lock the offset rows and chain heads."""
         step, conn = self.batch.step, self.conn
-        topics, partitions = [tp.topic for tp in self.tps], [tp.partition for tp in self.tps]
+        topics = [tp.topic for tp in self.locked]
+        partitions = [tp.partition for tp in self.locked]
         offsets_cur, heads_cur = conn.cursor(), conn.cursor()
         async with conn.pipeline():
             await conn.execute("BEGIN")
-            if self.tps:
+            if self.locked:
                 await offsets_cur.execute(_LOCK_OFFSETS, (step, topics, partitions))
             if self.chain_partitions:
                 await heads_cur.execute(_LOCK_HEADS, (step, GENESIS_HASH, self.chain_partitions))
-        stored: dict[TopicPartition, int | None] = {}
-        if self.tps:
-            stored = {TopicPartition(t, p): last for t, p, last in await offsets_cur.fetchall()}
+        stored: dict[TopicPartition, Progress] = {}
+        if self.locked:
+            stored = _progress(await offsets_cur.fetchall())
         heads: dict[int, ChainHead] = {}
         if self.chain_partitions:
             heads = {p: ChainHead(seq, digest) for p, seq, digest in await heads_cur.fetchall()}
         return stored, heads
 
-    def check_fencing(self, stored: dict[TopicPartition, int | None]) -> None:
+    def check_fencing(self, stored: dict[TopicPartition, Progress]) -> None:
+        step = self.batch.step
+        for tp, epoch in self.batch.epochs.items():
+            now = stored[tp]
+            if now.epoch != epoch:
+                raise StaleBatchError(stale_epoch(step, tp, epoch, now.epoch, now.owner))
         for tp, (first, _last) in self.batch.offsets.items():
-            last_stored = stored.get(tp)
+            if tp in self.batch.epochs:
+                continue
+            last_stored = stored[tp].offset
             if last_stored is not None and last_stored >= first:
                 raise StaleBatchError(
                     f"{self.batch.step} {tp.topic}[{tp.partition}]: "
@@ -424,6 +476,13 @@ class _Commit:
             results_inserted=inserted,
             results_duplicate=len(self.batch.results) - inserted,
         )
+
+
+def _progress(rows: Iterable[tuple[Any, ...]]) -> dict[TopicPartition, Progress]:
+    return {
+        TopicPartition(topic, partition): Progress(last, epoch, owner)
+        for topic, partition, last, epoch, owner in rows
+    }
 
 
 def _state_columns(batch: CommitBatch) -> tuple[list[str], list[str], list[int], list[str]]:

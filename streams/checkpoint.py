@@ -1,13 +1,18 @@
-"""The checkpoint store protocol: where the runner keeps progress, state and audit rows.
+r"""The checkpoint store protocol: where the runner keeps progress, state and audit rows.
 
 Postgres implements it in ``sinks``; ``MemoryCheckpointStore`` here serves unit
 tests of step logic. One ``commit`` is one transaction: the batch's audit
 rows, changed keyed state, final results and the last processed offset of
 each input partition land together or not at all.
 
-Fencing: ``commit`` refuses (``StaleBatchError``) a batch whose offsets are
-not beyond what is stored, which is what a zombie worker that lost its
-partitions would try; the runner then reloads from the store.
+Fencing by ownership epoch: a runner that takes a partition ``claim``\ s it,
+which raises the partition's epoch in the store and records the owner. Each
+batch carries the epochs it was made under, and ``commit`` refuses
+(``StaleBatchError``) a batch whose epoch for any partition is no longer the
+stored one: a worker that lost the partition (a Kafka rebalance, a NATS
+lease that moved) can write nothing more there. The runner then reloads and
+drops what it lost. Batches without epochs (tools, old callers) are fenced
+by offsets as before: a batch whose offsets are not beyond what is stored.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ INPUT_KINDS = ("processed", "dead_letter")
 
 
 class StaleBatchError(RuntimeError):
-    """Another worker already committed past this batch's offsets."""
+    """The batch's ownership epoch is not current (or another worker committed past it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What the store holds for one (step, input partition)."""
+
+    offset: int | None  # the last processed offset (the watermark); None: nothing yet
+    epoch: int  # ownership epoch: raised by every claim
+    owner: str | None  # who claimed it last
 
 
 @dataclass(slots=True)
@@ -37,6 +51,8 @@ class CommitBatch:
     # (partition, record): audit rows chain per (step, partition).
     audit: list[tuple[int, AuditRecord]] = field(default_factory=list)
     results: list[ResultRecord] = field(default_factory=list)
+    # Input partition -> the ownership epoch this batch was made under.
+    epochs: dict[TopicPartition, int] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (self.offsets or self.states or self.audit or self.results)
@@ -48,6 +64,18 @@ class CheckpointStore(Protocol):
         self, step: str, tps: Iterable[TopicPartition]
     ) -> dict[TopicPartition, int]:
         """Last processed offset per partition; partitions never processed are absent."""
+        ...
+
+    async def claim(
+        self, step: str, tps: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Progress]:
+        """Take ``tps`` for ``owner``: raise each one's epoch; returns the new progress of each."""
+        ...
+
+    async def load_progress(
+        self, step: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, Progress]:
+        """Offset, epoch and owner of each of ``tps`` the store knows (no claim)."""
         ...
 
     async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
@@ -75,6 +103,7 @@ class MemoryCheckpointStore:
 
     def __init__(self) -> None:
         self.offsets: dict[tuple[str, TopicPartition], int] = {}
+        self.epochs: dict[tuple[str, TopicPartition], tuple[int, str]] = {}
         self.states: dict[tuple[str, StateKey], tuple[int, bytes]] = {}
         self.audit: list[tuple[int, AuditRecord]] = []
         self.results: dict[str, ResultRecord] = {}
@@ -84,6 +113,25 @@ class MemoryCheckpointStore:
         self, step: str, tps: Iterable[TopicPartition]
     ) -> dict[TopicPartition, int]:
         return {tp: self.offsets[(step, tp)] for tp in tps if (step, tp) in self.offsets}
+
+    async def claim(
+        self, step: str, tps: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Progress]:
+        for tp in tps:
+            epoch, _ = self.epochs.get((step, tp), (0, ""))
+            self.epochs[(step, tp)] = (epoch + 1, owner)
+        return await self.load_progress(step, tps)
+
+    async def load_progress(
+        self, step: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, Progress]:
+        progress = {}
+        for tp in tps:
+            epoch, owner = self.epochs.get((step, tp), (0, None))
+            offset = self.offsets.get((step, tp))
+            if offset is not None or epoch:
+                progress[tp] = Progress(offset, epoch, owner)
+        return progress
 
     async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
         wanted = set(partitions)
@@ -100,7 +148,13 @@ class MemoryCheckpointStore:
         return set(ids[-limit:]) if limit > 0 else set()
 
     async def commit(self, batch: CommitBatch) -> None:
+        for tp, epoch in batch.epochs.items():
+            current, owner = self.epochs.get((batch.step, tp), (0, None))
+            if current != epoch:
+                raise StaleBatchError(stale_epoch(batch.step, tp, epoch, current, owner))
         for tp, (first, _last) in batch.offsets.items():
+            if tp in batch.epochs:
+                continue
             stored = self.offsets.get((batch.step, tp))
             if stored is not None and stored >= first:
                 raise StaleBatchError(f"{batch.step} {tp}: stored {stored} >= batch start {first}")
@@ -115,3 +169,11 @@ class MemoryCheckpointStore:
 
     async def close(self) -> None:
         return None
+
+
+def stale_epoch(step: str, tp: TopicPartition, mine: int, current: int, owner: str | None) -> str:
+    """The refusal of a batch made under an epoch that is no longer current."""
+    return (
+        f"{step} {tp.topic}[{tp.partition}]: ownership epoch {mine} is stale "
+        f"(now {current}, owner {owner or 'unknown'})"
+    )

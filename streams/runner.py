@@ -43,6 +43,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -205,8 +206,11 @@ class StepRunner:
         config: RunnerConfig | None = None,
         group: str | None = None,
         clock: Callable[[], datetime] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.processor = processor
+        # Who claims the partitions (step_offsets.owner): this worker process.
+        self.owner = owner or default_owner()
         self.transport = transport
         self.store = store
         self.config = config or RunnerConfig()
@@ -222,6 +226,11 @@ class StepRunner:
         self._state_partition: dict[StateKey, int] = {}
         self._dedupe: dict[int, _Dedupe] = {}
         self._owned: frozenset[TopicPartition] = frozenset()
+        # Ownership epochs claimed on assignment; partitions another worker
+        # claimed since (a refused checkpoint told us) are fenced: their
+        # messages are left to the new owner until the transport revokes them.
+        self._epochs: dict[TopicPartition, int] = {}
+        self._fenced: set[TopicPartition] = set()
         self._sub: Subscription | None = None
         self._outputs = frozenset(processor.outputs)
         self._has_tick = callable(getattr(processor, "tick", None))
@@ -452,7 +461,7 @@ class StepRunner:
 
     async def _on_assign(self, tps: frozenset[TopicPartition]) -> None:
         self._owned = self._owned | tps
-        await self._load(tps, seek=True)
+        await self._load(tps, seek=True, claim=True)
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
         if self._running:
@@ -463,6 +472,8 @@ class StepRunner:
         gone = {tp.partition for tp in tps} - {tp.partition for tp in self._owned}
         for tp in tps:
             self._offsets.pop(tp, None)
+            self._epochs.pop(tp, None)
+            self._fenced.discard(tp)
         for key, partition in list(self._state_partition.items()):
             if partition in gone:
                 del self._state_partition[key]
@@ -486,11 +497,42 @@ class StepRunner:
                 log.warning("%s: checkpoint before revoke failed: %s", self.processor.name, exc)
                 self._broken = exc
 
-    async def _load(self, tps: Iterable[TopicPartition], *, seek: bool) -> None:
-        """Load offsets, state and recent ids from the store; ``seek`` past what is done."""
+    async def _load(self, tps: Iterable[TopicPartition], *, seek: bool, claim: bool) -> None:
+        """Load progress, state and recent ids from the store; ``seek`` past what is done.
+
+        With ``claim`` (a new assignment) the partitions' ownership epochs are
+        raised and become ours; without (a reset), a partition whose epoch
+        moved on was claimed by another worker meanwhile and is fenced.
+        """
         tps = list(tps)
         name = self.processor.name
-        offsets = await self.store.load_offsets(name, tps)
+        if claim:
+            progress = await self.store.claim(name, tps, self.owner)
+            for tp in tps:
+                self._epochs[tp] = progress[tp].epoch
+                self._fenced.discard(tp)
+        else:
+            progress = await self.store.load_progress(name, tps)
+            for tp in tps:
+                now = progress.get(tp)
+                mine = self._epochs.get(tp)
+                if (
+                    mine is not None
+                    and now is not None
+                    and now.epoch != mine
+                    and tp not in self._fenced
+                ):
+                    log.warning(
+                        "%s: lost %s[%d] to %s (ownership epoch %d, now %d); leaving it to them",
+                        name,
+                        tp.topic,
+                        tp.partition,
+                        now.owner or "another worker",
+                        mine,
+                        now.epoch,
+                    )
+                    self._fenced.add(tp)
+        offsets = {tp: p.offset for tp, p in progress.items() if p.offset is not None}
         partitions = sorted({tp.partition for tp in tps})
         states = await self.store.load_states(name, partitions)
         for key, blob in states.items():
@@ -549,7 +591,7 @@ class StepRunner:
             self._state_partition.clear()
             self._dedupe.clear()
             self._offsets.clear()
-            await self._load(self._owned, seek=False)
+            await self._load(self._owned, seek=False, claim=False)
             if self._sub is not None:
                 for tp, offset in self._rewind_to.items():
                     if tp not in self._owned:
@@ -572,6 +614,8 @@ class StepRunner:
 
     def _admit(self, msg: Message) -> None:
         tp = msg.tp
+        if tp in self._fenced:
+            return  # another worker owns it now; not ours to process or ack
         done = self._offsets.get(tp)
         if done is not None and msg.offset <= done:
             self.stats.skipped += 1
@@ -821,6 +865,7 @@ class StepRunner:
         batch = pending.batch
         for tp, passed in moved.items():
             batch.offsets[tp] = (passed[0].offset, passed[-1].offset)
+        batch.epochs = {tp: e for tp, e in self._epochs.items() if tp not in self._fenced}
         if pending.produce:
             await self.transport.publish_batch(pending.produce)
         if not batch.is_empty():
@@ -928,6 +973,11 @@ class StepRunner:
                 await self._checkpoint()
         elif not self._pending.is_empty():
             self._completed.set()
+
+
+def default_owner() -> str:
+    """This worker's name in ``step_offsets.owner``: host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 # Checkpoint commits of every runner in this process (for crash_after_commits).

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streams.checkpoint import CheckpointStore, CommitBatch
+from streams.checkpoint import CheckpointStore, CommitBatch, Progress
 from streams.partitioning import partition_for
 from streams.step import StateKey
 from streams.transport import TopicPartition
@@ -128,6 +128,16 @@ class MirroredStore:
         self, step: str, tps: Iterable[TopicPartition]
     ) -> dict[TopicPartition, int]:
         return await self.inner.load_offsets(step, tps)
+
+    async def claim(
+        self, step: str, tps: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Progress]:
+        return await self.inner.claim(step, tps, owner)
+
+    async def load_progress(
+        self, step: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, Progress]:
+        return await self.inner.load_progress(step, tps)
 
     async def load_states(self, step: str, partitions: Iterable[int]) -> dict[StateKey, bytes]:
         wanted = list(partitions)

@@ -208,6 +208,40 @@ async def test_stale_batch_is_refused_and_writes_nothing(
     assert await store.load_offsets("worker", [TP0, TP1]) == {TP0: 12, TP1: 9}
 
 
+async def test_a_batch_under_a_stale_ownership_epoch_is_refused(
+    make_store: Callable[[], Any], db: Conn
+) -> None:
+    old, new = await make_store(), await make_store()
+    claimed = await old.claim("worker", [TP0, TP1], "old-worker")
+    assert {tp: (p.offset, p.epoch, p.owner) for tp, p in claimed.items()} == {
+        TP0: (None, 1, "old-worker"),
+        TP1: (None, 1, "old-worker"),
+    }
+    mine = {TP0: 1, TP1: 1}
+    done = batch({TP0: (0, 4)}, events=2)
+    done.epochs = mine
+    await old.commit(done)
+    # Another worker takes partition 0: epoch 2, and it resumes where old stopped.
+    (taken,) = (await new.claim("worker", [TP0], "new-worker")).values()
+    assert (taken.offset, taken.epoch, taken.owner) == (4, 2, "new-worker")
+    before = await footprint(db)
+    # Old's next batch touches no offset (work done above a gap) but is fenced all the same.
+    zombie = batch(events=3, tag="z")
+    zombie.epochs = mine
+    with pytest.raises(StaleBatchError, match=r"epoch 1 is stale \(now 2, owner new-worker\)"):
+        await old.commit(zombie)
+    assert await footprint(db) == before
+    # The new owner commits under its epoch; both see the same progress.
+    ok = batch({TP0: (5, 9)}, events=1, tag="n")
+    ok.epochs = {TP0: 2}
+    await new.commit(ok)
+    progress = await old.load_progress("worker", [TP0, TP1])
+    assert {tp: (p.offset, p.epoch, p.owner) for tp, p in progress.items()} == {
+        TP0: (9, 2, "new-worker"),
+        TP1: (None, 1, "old-worker"),
+    }
+
+
 async def test_two_workers_racing_on_a_partition_one_wins(
     make_store: Callable[[], Any], db: Conn
 ) -> None:

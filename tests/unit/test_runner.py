@@ -183,15 +183,27 @@ async def test_output_to_undeclared_topic_is_a_dead_letter(setup) -> None:  # ty
     assert step.calls == 1  # a contract violation is not retried
 
 
-async def test_stale_batch_is_dropped_and_reloaded(setup) -> None:  # type: ignore[no-untyped-def]
+async def test_a_batch_under_a_stale_epoch_is_refused_and_the_partition_left(setup) -> None:  # type: ignore[no-untyped-def]
     t, store, _step, runner = setup
     await publish(t, ping(1))
-    # Another worker already committed past this partition's offsets.
-    for tp in runner._owned:
-        store.offsets[("counter", tp)] = 100
+    # Another worker claimed every partition since this runner took them.
+    await store.claim("counter", runner._owned, "other-worker")
     await drain_runner(runner)
     assert runner.stats.stale_batches == 1
-    assert store.audit == []
+    assert store.audit == [] and store.offsets == {}
+    # Fenced: it processes nothing more there, and commits nothing.
+    await publish(t, ping(2))
+    await drain_runner(runner)
+    assert store.audit == [] and runner.stats.processed == 1
+    # Assigned again (a rebalance gives them back, from the broker's committed
+    # position: nothing was acked), it claims a new epoch and works.
+    tps = runner._sub.assignment()
+    await runner._on_revoke(tps)
+    for tp in tps:
+        await runner._sub.seek(tp, 0)
+    await runner._on_assign(tps)
+    await drain_runner(runner)
+    assert sorted(r.kind for _, r in store.audit) == ["processed", "processed"]
 
 
 async def test_failed_produce_rewinds_and_the_batch_is_retried(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
