@@ -118,8 +118,10 @@ async def run_steps(
             store = await open_store(settings)
             stores.append(store)
             runner = StepRunner(step, transport, store, partitions=partitions, config=config)
-            await runner.start()
             runners.append(runner)
+        # In parallel: on Kafka each step joins its own consumer group, and
+        # one after another the six groups took 6-7 s to start a worker.
+        await asyncio.gather(*(r.start() for r in runners))
         await asyncio.gather(*(r.run(stop) for r in runners))
     finally:
         for runner in runners:
