@@ -8,9 +8,17 @@ error, because the responder waits for one outcome per action.
 Each call has a timeout; a tool that raises :class:`RetryableToolError` is
 retried with exponential backoff up to ``max_attempts``; a timeout is not
 retried (the call may still be running, and retrying would multiply the
-worst-case latency). A semaphore shared by the step bounds concurrent calls;
-it only matters once the runner processes events concurrently, which it
-does not yet (it calls ``process`` one event at a time).
+worst-case latency).
+
+The runner processes events of different (tenant, session) keys
+concurrently, so many calls of this step can be in flight at once. A
+semaphore shared by the step (``concurrency``) bounds how many tool calls
+run at the same time; a call waiting for a slot has not started, so its
+timeout starts only once it holds one. Retries keep their slot through the
+backoff, so a retried call cannot be overtaken by a crowd of new ones.
+To try this with the instant built-in tools, wrap them in
+:class:`agents.tools.latency.SlowTool` (``sluice run`` does when
+``SLUICE_TOOL_LATENCY_MS`` is set).
 """
 
 from __future__ import annotations

@@ -7,6 +7,14 @@ yields a single ``echo`` call saying the plan failed, never an exception, so
 a misbehaving model fails closed instead of stalling the pipeline. Whatever it
 proposes still passes the policy gate.
 
+Calls go through :class:`agents.model_client.ModelClient`: the process's
+pooled HTTP session, retries with backoff on 429, 5xx, dropped connections
+and timeouts, and the endpoint's concurrency and rate limits. The plan fails
+closed only once the retries are exhausted (or on a failure retrying cannot
+fix). :meth:`OpenAIPlanner.plan_and_report` also returns the call's
+:class:`~agents.model_client.CallReport` (tokens, attempts, latency), which
+the planner step records.
+
 Unlike the rule-based planner this one is not deterministic: a replayed task
 may get a different plan, but its action events keep their ids, and the
 steps downstream drop re-produced ids.
@@ -17,17 +25,37 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
 
+from agents.model_client import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    MAX_REPLY_BYTES,
+    CallReport,
+    ModelCallError,
+    ModelClient,
+    endpoint,
+)
 from agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
 
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT_S",
+    "MAX_REPLY_BYTES",
+    "OpenAIPlanner",
+    "PlanError",
+    "PlanOutcome",
+    "content_of",
+    "endpoint",
+    "parse_plan",
+    "plan_failed",
+]
+
 DEFAULT_MODEL = "gpt-4o-mini"
-DEFAULT_TIMEOUT_S = 20.0
-# A plan is a few hundred bytes; a reply far larger is not one.
-MAX_REPLY_BYTES = 256 * 1024
 # How many earlier prompts go to the model as context.
 HISTORY_TURNS = 8
 
@@ -51,12 +79,6 @@ class PlanError(ValueError):
 def plan_failed(reason: str) -> list[ToolCall]:
     """The fail-closed plan: one echo saying why planning failed."""
     return [ToolCall(tool="echo", args={"text": f"plan failed: {reason}"[:500]})]
-
-
-def endpoint(url: str) -> str:
-    """Accept a base URL (``.../v1``) or the full chat completions URL."""
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
 
 
 def parse_plan(content: str) -> list[ToolCall]:
@@ -107,8 +129,22 @@ def content_of(reply: Any) -> str:
     return content
 
 
+@dataclass(frozen=True, slots=True)
+class PlanOutcome:
+    """A plan and what asking the model for it cost (None when no model was asked)."""
+
+    calls: list[ToolCall]
+    report: CallReport | None = None
+
+
 class OpenAIPlanner:
-    """Plans by asking a chat completions endpoint; fails closed on any problem."""
+    """Plans by asking a chat completions endpoint; fails closed on any problem.
+
+    ``timeout`` is per attempt; ``max_attempts``, ``concurrency`` and ``rpm``
+    go to the :class:`ModelClient` it makes. Given a ``client``, that
+    client's endpoint and settings are used and the connection arguments
+    here are ignored.
+    """
 
     def __init__(
         self,
@@ -117,11 +153,25 @@ class OpenAIPlanner:
         model: str = DEFAULT_MODEL,
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rpm: float | None = None,
+        client: ModelClient | None = None,
     ) -> None:
-        self.url = endpoint(url)
         self.model = model
-        self._api_key = api_key
-        self.timeout = timeout
+        if client is None:
+            client = ModelClient(
+                url,
+                api_key=api_key,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                concurrency=concurrency,
+                rpm=rpm,
+                step="planner",
+            )
+        self.client = client
+        self.url = client.url
+        self.timeout = client.timeout
 
     def request_body(self, task: TaskAccepted, history: Sequence[HistoryTurn]) -> dict[str, Any]:
         messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -133,38 +183,22 @@ class OpenAIPlanner:
         return {"model": self.model, "messages": messages, "temperature": 0}
 
     async def plan(self, task: TaskAccepted, history: Sequence[HistoryTurn]) -> list[ToolCall]:
-        try:
-            reply = await self._complete(self.request_body(task, history))
-            return parse_plan(content_of(reply))
-        except PlanError as exc:
-            return plan_failed(str(exc))
-        except TimeoutError:
-            return plan_failed(f"no reply within {self.timeout:g}s")
-        except aiohttp.ClientError as exc:
-            return plan_failed(f"request failed: {type(exc).__name__}")
+        return (await self.plan_and_report(task, history)).calls
 
-    async def _complete(self, body: dict[str, Any]) -> Any:
-        headers = {"content-type": "application/json"}
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
-        # A session per call: planning is rare next to the model's latency, and
-        # nothing is left open for the application to close.
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(self.url, json=body, headers=headers) as response,
-        ):
-            if response.status != 200:
-                raise PlanError(f"endpoint answered HTTP {response.status}")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > MAX_REPLY_BYTES:
-                    raise PlanError("reply is too large")
-                chunks.append(chunk)
-        raw = b"".join(chunks)
+    async def plan_and_report(
+        self, task: TaskAccepted, history: Sequence[HistoryTurn]
+    ) -> PlanOutcome:
+        """The plan (a failed one on any problem, never an exception) and the call's report."""
         try:
-            return json.loads(raw)
-        except ValueError:
-            raise PlanError("response body is not JSON") from None
+            result = await self.client.complete(self.request_body(task, history))
+        except ModelCallError as exc:
+            return PlanOutcome(plan_failed(str(exc)), exc.report)
+        try:
+            calls = parse_plan(content_of(result.body))
+        except PlanError as exc:
+            return PlanOutcome(plan_failed(str(exc)), result.report)
+        return PlanOutcome(calls, result.report)
+
+    async def aclose(self) -> None:
+        """Close the client's pooled HTTP session (the process-wide one by default)."""
+        await self.client.aclose()

@@ -6,18 +6,63 @@ the responder knows when it has every outcome. A plan always has at least
 one action (an accepted task must end in exactly one result), and a planner
 that raises or returns nothing usable fails closed into a single echo
 saying so.
+
+Token usage. A planner that asks a model (:class:`OpenAIPlanner`, or any
+planner with a ``plan_and_report`` method) reports what the call cost, and
+the step records it three ways:
+
+- in the audit detail of the input: ``detail["model"] = {"model",
+  "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
+  "latency_ms"}`` (plus ``"error"`` when the call failed; no token fields
+  when the endpoint reported none);
+- in the session's keyed state, ``state["tokens"] = {"prompt", "completion",
+  "total", "calls"}``, running totals of the (tenant, session) over the calls
+  that reported usage, committed with the batch like any state: they survive
+  restarts, and an input processed again after a crash is counted once
+  (though the model was asked twice). Keyed state is per (tenant, session):
+  a tenant-wide total is the sum over its sessions, which the audit trail
+  (``detail.model``) or the ``sluice.model.tokens`` metric gives, not one
+  row of state;
+- in the metrics ``sluice.model.tokens``, ``sluice.model.call.duration`` and
+  ``sluice.model.retries`` (:mod:`agents.model_metrics`, recorded by the
+  model client).
+
+The rule-based planner asks no model and reports nothing.
+
+Budgeting on it. The planner step itself is where a per-session token budget
+can be enforced today: it owns ``state["tokens"]`` and can fail a plan closed
+(``plan_failed("token budget spent")``) before asking the model. The policy
+gate cannot read another step's state, so for Rego to decide on tokens the
+usage must travel on ``action.proposed``. It does not yet: both sides'
+schemas forbid unknown fields (``ActionProposed`` here, ``ProposedAction`` in
+``policy``), so adding a ``usage`` field in one release would dead-letter
+every action at a gate of the previous release during a rolling upgrade. The
+safe path is two releases: first the gate accepts an optional ``usage``
+(``{"total_tokens", "session_total_tokens"}``, the session's running total
+from ``state["tokens"]`` after this call) and passes it into the policy
+input; then the planner sends it, and a rule such as ``deny if
+input.usage.session_total_tokens > data.tenants[input.tenant].token_budget``
+budgets without the gate keeping any state of its own.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from agents import topics
 from agents.api import Step
+from agents.envvars import optional_positive_float, positive_float, positive_int
 from agents.keyed import data_as
-from agents.openai_planner import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, OpenAIPlanner, plan_failed
+from agents.model_client import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, CallReport
+from agents.openai_planner import (
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT_S,
+    OpenAIPlanner,
+    PlanOutcome,
+    plan_failed,
+)
 from agents.rule_planner import RuleBasedPlanner
 from agents.schemas import (
     ACTION_PROPOSED,
@@ -40,25 +85,67 @@ class Planner(Protocol):
         ...
 
 
+@runtime_checkable
+class ReportingPlanner(Protocol):
+    """A planner that also says what its model call cost (see the module docstring)."""
+
+    async def plan_and_report(
+        self, task: TaskAccepted, history: Sequence[HistoryTurn]
+    ) -> PlanOutcome: ...
+
+
+# Keyed state: the session's running token totals.
+TOKENS_KEY = "tokens"
+
+
 def make_planner(env: Mapping[str, str] | None = None) -> Planner:
     """``OpenAIPlanner`` when ``SLUICE_LLM_URL`` is set, else the rule-based planner.
 
-    Also read: ``SLUICE_LLM_MODEL``, ``SLUICE_LLM_API_KEY``, ``SLUICE_LLM_TIMEOUT`` (seconds).
+    Also read: ``SLUICE_LLM_MODEL``, ``SLUICE_LLM_API_KEY``,
+    ``SLUICE_LLM_TIMEOUT`` (seconds per attempt, default 20),
+    ``SLUICE_LLM_CONCURRENCY`` (requests in flight to the endpoint, default
+    64), ``SLUICE_LLM_RPM`` (requests a minute, default no limit) and
+    ``SLUICE_LLM_MAX_ATTEMPTS`` (default 4). A bad number raises
+    :class:`ValueError` naming the variable and its value, with or without a
+    URL, so a typo never passes unnoticed.
     """
     env = os.environ if env is None else env
+    timeout = positive_float(env, "SLUICE_LLM_TIMEOUT", DEFAULT_TIMEOUT_S)
+    concurrency = positive_int(env, "SLUICE_LLM_CONCURRENCY", DEFAULT_CONCURRENCY)
+    rpm = optional_positive_float(env, "SLUICE_LLM_RPM")
+    max_attempts = positive_int(env, "SLUICE_LLM_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)
     url = env.get("SLUICE_LLM_URL", "").strip()
     if not url:
         return RuleBasedPlanner()
-    try:
-        timeout = float(env.get("SLUICE_LLM_TIMEOUT") or DEFAULT_TIMEOUT_S)
-    except ValueError:
-        timeout = DEFAULT_TIMEOUT_S
     return OpenAIPlanner(
         url,
         model=env.get("SLUICE_LLM_MODEL") or DEFAULT_MODEL,
         api_key=env.get("SLUICE_LLM_API_KEY") or None,
         timeout=timeout,
+        max_attempts=max_attempts,
+        concurrency=concurrency,
+        rpm=rpm,
     )
+
+
+def add_usage(state: MutableMapping[str, Any], report: CallReport) -> dict[str, int]:
+    """Add the call's tokens to the session's running totals in ``state``; the new totals."""
+    old = state.get(TOKENS_KEY)
+    old = old if isinstance(old, dict) else {}
+
+    def before(name: str) -> int:
+        value = old.get(name)
+        return value if type(value) is int and value >= 0 else 0
+
+    usage = report.usage
+    totals = {
+        "prompt": before("prompt") + (usage.prompt_tokens if usage else 0),
+        "completion": before("completion") + (usage.completion_tokens if usage else 0),
+        "total": before("total") + (usage.total_tokens if usage else 0),
+        "calls": before("calls") + 1,
+    }
+    state[TOKENS_KEY] = totals
+    return totals
 
 
 class PlannerStep(Step):
@@ -70,23 +157,38 @@ class PlannerStep(Step):
     def __init__(self, planner: Planner | None = None) -> None:
         self.planner: Planner = planner or RuleBasedPlanner()
 
-    async def _plan(self, packed: ContextPacked) -> list[ToolCall]:
+    async def _plan(self, packed: ContextPacked) -> PlanOutcome:
+        report: CallReport | None = None
         try:
-            calls = await self.planner.plan(packed.task, packed.history)
+            if isinstance(self.planner, ReportingPlanner):
+                outcome = await self.planner.plan_and_report(packed.task, packed.history)
+                calls: object = outcome.calls
+                report = outcome.report if isinstance(outcome.report, CallReport) else None
+            else:
+                calls = await self.planner.plan(packed.task, packed.history)
         except Exception as exc:  # a planner bug must fail the plan, not the worker
-            return plan_failed(f"planner raised {type(exc).__name__}")
+            return PlanOutcome(plan_failed(f"planner raised {type(exc).__name__}"), report)
         if not isinstance(calls, list) or not calls:
-            return plan_failed("planner proposed no actions")
+            return PlanOutcome(plan_failed("planner proposed no actions"), report)
         if len(calls) > MAX_ACTIONS:
-            return plan_failed(f"planner proposed {len(calls)} actions, over {MAX_ACTIONS}")
+            reason = f"planner proposed {len(calls)} actions, over {MAX_ACTIONS}"
+            return PlanOutcome(plan_failed(reason), report)
         if not all(isinstance(call, ToolCall) for call in calls):
-            return plan_failed("planner returned something other than tool calls")
-        return calls
+            return PlanOutcome(
+                plan_failed("planner returned something other than tool calls"), report
+            )
+        return PlanOutcome(calls, report)
 
     async def process(self, event: Event, ctx: Context) -> list[Output]:
         packed = data_as(ctx, event, ContextPacked)
         task = packed.task
-        calls = await self._plan(packed)
+        outcome = await self._plan(packed)
+        calls = outcome.calls
+        if outcome.report is not None:
+            # Tokens are spent whether or not the plan was usable: count them all.
+            ctx.detail["model"] = outcome.report.as_detail()
+            if outcome.report.usage is not None:
+                add_usage(ctx.state, outcome.report)
         outputs = []
         for index, call in enumerate(calls):
             action = ActionProposed(

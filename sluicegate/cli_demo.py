@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.demo import DemoOutcome, run_demo
+from sluicegate.pipeline import check_step_settings
 from sluicegate.runtime import configure_telemetry
 from sluicegate.samples import DEMO
 
@@ -29,6 +30,12 @@ def demo(transport: str | None, timeout: float) -> None:
     summary, and leaves nothing running. Exit 0 when all of that held.
     """
     settings = load_settings(transport=transport)
+    try:
+        # The demo builds its steps inside the event loop, where a bad
+        # SLUICE_LLM_* value would end in a traceback: check them first.
+        check_step_settings()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     # A log or CI has no terminal width: 140 columns keep the tables readable.
     console = Console(highlight=False, width=None if Console().is_terminal else 140)
     logging.basicConfig(level=logging.ERROR)

@@ -1,9 +1,12 @@
 """Pipeline assembly: which steps run, in which order, with which gate and planner.
 
 ``build_steps`` gives the reference pipeline with the application's choices
-made: the planner from ``SLUICE_LLM_URL`` and the Rego policy gate (bundle
-from ``SLUICE_POLICY_BUNDLE``, shadow from ``SLUICE_POLICY_SHADOW``);
-``select_steps`` picks the ones a worker runs (``sluice run --steps``).
+made: the planner from ``SLUICE_LLM_*``, the Rego policy gate (bundle
+from ``SLUICE_POLICY_BUNDLE``, shadow from ``SLUICE_POLICY_SHADOW``) and the
+built-in tools, slowed by ``SLUICE_TOOL_LATENCY_MS`` when set;
+``select_steps`` picks the ones a worker runs (``sluice run --steps``). A bad
+value of those variables raises :class:`ValueError` naming it, which the
+commands report on one line.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from agents import topics
 from agents.pipeline import reference_steps
 from agents.planner import make_planner
 from agents.schemas import TASK_SUBMITTED, TaskSubmitted
+from agents.tools.latency import tools_from_env
 from policy.gate import PolicyGate
 from streams.codec import DataRegistry
 from streams.step import Processor
@@ -23,7 +27,15 @@ TOPICS: tuple[str, ...] = topics.ALL
 
 
 def build_steps() -> list[Processor]:
-    return reference_steps(planner=make_planner(os.environ), make_gate=PolicyGate)
+    return reference_steps(
+        planner=make_planner(os.environ), make_gate=PolicyGate, tools=tools_from_env(os.environ)
+    )
+
+
+def check_step_settings() -> None:
+    """Read the steps' own variables now, so a bad one stops a command before it starts anything."""
+    make_planner(os.environ)
+    tools_from_env(os.environ)
 
 
 def task_registry() -> DataRegistry:

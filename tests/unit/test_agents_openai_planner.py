@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from agents.model_client import aclose_shared
 from agents.openai_planner import OpenAIPlanner, endpoint, parse_plan
 from agents.schemas import HistoryTurn, TaskAccepted
 
@@ -34,6 +35,14 @@ class FakeLLM:
             return web.Response(status=self.status, body=self.body)
         reply = {"choices": [{"message": {"role": "assistant", "content": self.content}}]}
         return web.json_response(reply, status=self.status)
+
+
+@pytest.fixture(autouse=True)
+async def close_pooled_session() -> AsyncIterator[None]:
+    # Planners share the process's pooled HTTP session; close it after each
+    # test, as a worker does at shutdown, so no test leaves a socket open.
+    yield
+    await aclose_shared()
 
 
 @pytest.fixture
@@ -123,7 +132,8 @@ async def test_bad_http_reply_fails_closed(
     llm: FakeLLM, status: int, body: bytes, reason: str
 ) -> None:
     llm.status, llm.body = status, body
-    calls = await OpenAIPlanner(llm.url, timeout=5).plan(TASK, [])
+    # One attempt: retrying a 500 is test_model_client's subject.
+    calls = await OpenAIPlanner(llm.url, timeout=5, max_attempts=1).plan(TASK, [])
     assert [c.tool for c in calls] == ["echo"]
     assert reason in calls[0].args["text"]
 
@@ -133,7 +143,8 @@ async def test_timeout_fails_closed(llm: FakeLLM) -> None:
     llm.content = '[{"tool": "clock", "args": {}}]'
     loop = asyncio.get_running_loop()
     started = loop.time()
-    calls = await OpenAIPlanner(llm.url, timeout=0.1).plan(TASK, [])
+    # One attempt: a timeout is retried otherwise (see test_model_client).
+    calls = await OpenAIPlanner(llm.url, timeout=0.1, max_attempts=1).plan(TASK, [])
     assert loop.time() - started < 0.5
     assert [c.tool for c in calls] == ["echo"]
     assert "no reply within 0.1s" in calls[0].args["text"]
@@ -143,7 +154,7 @@ async def test_unreachable_endpoint_fails_closed(llm: FakeLLM) -> None:
     url = llm.url.replace("/v1", "/nowhere")  # 404
     calls = await OpenAIPlanner(url, timeout=5).plan(TASK, [])
     assert "HTTP 404" in calls[0].args["text"]
-    closed = OpenAIPlanner("http://127.0.0.1:1/v1", timeout=2)
+    closed = OpenAIPlanner("http://127.0.0.1:1/v1", timeout=2, max_attempts=1)
     calls = await closed.plan(TASK, [])
     assert calls[0].tool == "echo" and "request failed" in calls[0].args["text"]
 

@@ -171,6 +171,6 @@ def test_make_planner_picks_by_environment() -> None:
     assert isinstance(llm, OpenAIPlanner)
     assert llm.url == "http://127.0.0.1:9/v1/chat/completions"
     assert (llm.model, llm.timeout) == ("tiny", 3.5)
-    assert isinstance(
-        make_planner({"SLUICE_LLM_URL": "http://x", "SLUICE_LLM_TIMEOUT": "?"}), OpenAIPlanner
-    )
+    # A bad value is an error naming it, not a silent default (test_model_settings).
+    with pytest.raises(ValueError, match="SLUICE_LLM_TIMEOUT='\\?'"):
+        make_planner({"SLUICE_LLM_URL": "http://x", "SLUICE_LLM_TIMEOUT": "?"})
