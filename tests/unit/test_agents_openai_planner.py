@@ -141,11 +141,9 @@ async def test_bad_http_reply_fails_closed(
 async def test_timeout_fails_closed(llm: FakeLLM) -> None:
     llm.delay = 0.6
     llm.content = '[{"tool": "clock", "args": {}}]'
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    # One attempt: a timeout is retried otherwise (see test_model_client).
+    # One attempt: a timeout is retried otherwise (see test_model_client). The
+    # plan says the timeout fired: the 0.6 s reply never arrived in time.
     calls = await OpenAIPlanner(llm.url, timeout=0.1, max_attempts=1).plan(TASK, [])
-    assert loop.time() - started < 0.5
     assert [c.tool for c in calls] == ["echo"]
     assert "no reply within 0.1s" in calls[0].args["text"]
 
