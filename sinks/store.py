@@ -25,7 +25,7 @@ refused as stale and the runner reloads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,6 +109,18 @@ ORDER BY b.topic, b.partition
 ON CONFLICT (step, topic, partition) DO UPDATE
 SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = now()
 RETURNING o.topic, o.partition, o.last_offset, o.epoch, o.owner
+"""
+# Progress kept before it was keyed by log identity (the plain topic name) is
+# adopted by the first claim of a log partition that has none: the row is
+# renamed (UPDATE, which the writer role may do; it may not DELETE).
+_ADOPT_LEGACY = """
+UPDATE step_offsets o SET topic = b.log, updated_at = now()
+FROM unnest(%b::text[], %b::text[], %b::int[]) AS b(log, old, partition)
+WHERE o.step = %b AND o.topic = b.old AND o.partition = b.partition
+  AND NOT EXISTS (
+    SELECT 1 FROM step_offsets n
+    WHERE n.step = o.step AND n.topic = b.log AND n.partition = b.partition
+  )
 """
 _LOAD_PROGRESS = """
 SELECT o.topic, o.partition, o.last_offset, o.epoch, o.owner
@@ -255,15 +267,35 @@ class PostgresCheckpointStore:
         return {TopicPartition(topic, partition): last for topic, partition, last in rows}
 
     async def claim(
-        self, step: str, tps: Iterable[TopicPartition], owner: str
+        self,
+        step: str,
+        tps: Iterable[TopicPartition],
+        owner: str,
+        *,
+        legacy: Mapping[TopicPartition, TopicPartition] | None = None,
     ) -> dict[TopicPartition, Progress]:
         wanted = sorted(set(tps))
         if not wanted:
             return {}
         topics, partitions = [tp.topic for tp in wanted], [tp.partition for tp in wanted]
+        old = sorted((legacy or {}).items())
         async with self._session() as conn:
-            cur = await conn.execute(_CLAIM, (step, owner, topics, partitions))
-            rows = await cur.fetchall()
+            claim_cur = conn.cursor()
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                if old:
+                    await conn.execute(
+                        _ADOPT_LEGACY,
+                        (
+                            [tp.topic for tp, _ in old],
+                            [was.topic for _, was in old],
+                            [tp.partition for tp, _ in old],
+                            step,
+                        ),
+                    )
+                await claim_cur.execute(_CLAIM, (step, owner, topics, partitions))
+                await conn.execute("COMMIT")
+            rows = await claim_cur.fetchall()
         return _progress(rows)
 
     async def load_progress(

@@ -17,7 +17,7 @@ by offsets as before: a batch whose offsets are not beyond what is stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -67,9 +67,19 @@ class CheckpointStore(Protocol):
         ...
 
     async def claim(
-        self, step: str, tps: Iterable[TopicPartition], owner: str
+        self,
+        step: str,
+        tps: Iterable[TopicPartition],
+        owner: str,
+        *,
+        legacy: Mapping[TopicPartition, TopicPartition] | None = None,
     ) -> dict[TopicPartition, Progress]:
-        """Take ``tps`` for ``owner``: raise each one's epoch; returns the new progress of each."""
+        """Take ``tps`` for ``owner``: raise each one's epoch; returns the new progress of each.
+
+        ``legacy`` maps a partition to where progress was kept before it was
+        keyed by log identity (the plain topic name); such progress is adopted
+        once, by the first claim of a partition that has none of its own.
+        """
         ...
 
     async def load_progress(
@@ -115,8 +125,19 @@ class MemoryCheckpointStore:
         return {tp: self.offsets[(step, tp)] for tp in tps if (step, tp) in self.offsets}
 
     async def claim(
-        self, step: str, tps: Iterable[TopicPartition], owner: str
+        self,
+        step: str,
+        tps: Iterable[TopicPartition],
+        owner: str,
+        *,
+        legacy: Mapping[TopicPartition, TopicPartition] | None = None,
     ) -> dict[TopicPartition, Progress]:
+        tps = list(tps)
+        for tp, old in (legacy or {}).items():
+            if (step, tp) not in self.offsets and (step, old) in self.offsets:
+                self.offsets[(step, tp)] = self.offsets.pop((step, old))
+                if (step, old) in self.epochs:
+                    self.epochs[(step, tp)] = self.epochs.pop((step, old))
         for tp in tps:
             epoch, _ = self.epochs.get((step, tp), (0, ""))
             self.epochs[(step, tp)] = (epoch + 1, owner)

@@ -55,7 +55,7 @@ import orjson
 from pydantic import BaseModel
 
 from streams import metrics, tracing
-from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
+from streams.checkpoint import CheckpointStore, CommitBatch, Progress, StaleBatchError
 from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
 from streams.dead_letters import (
     DLQ_TOPIC,
@@ -231,6 +231,14 @@ class StepRunner:
         # messages are left to the new owner until the transport revokes them.
         self._epochs: dict[TopicPartition, int] = {}
         self._fenced: set[TopicPartition] = set()
+        # Progress identity: each input topic's log (transport, full name,
+        # incarnation); the store keys progress by it, so a recreated topic
+        # or another transport's log never inherits these offsets.
+        self._logs: dict[str, str] = {}
+        # Partitions whose stored offset lies beyond the end of their log:
+        # stopped (nothing processed) until an operator resets them.
+        self._stopped: set[TopicPartition] = set()
+        self._seeks: dict[TopicPartition, int] = {}
         self._sub: Subscription | None = None
         self._outputs = frozenset(processor.outputs)
         self._has_tick = callable(getattr(processor, "tick", None))
@@ -278,6 +286,7 @@ class StepRunner:
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
         )
+        await self._apply_seeks()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until ``stop`` is set, then drain what is in flight and checkpoint it."""
@@ -474,6 +483,7 @@ class StepRunner:
             self._offsets.pop(tp, None)
             self._epochs.pop(tp, None)
             self._fenced.discard(tp)
+            self._stopped.discard(tp)
         for key, partition in list(self._state_partition.items()):
             if partition in gone:
                 del self._state_partition[key]
@@ -507,31 +517,33 @@ class StepRunner:
         tps = list(tps)
         name = self.processor.name
         if claim:
-            progress = await self.store.claim(name, tps, self.owner)
+            self._logs.update(await self.transport.log_ids(self.processor.inputs))
+        logged = {self._log_tp(tp): tp for tp in tps}
+        if claim:
+            legacy = {log_tp: tp for log_tp, tp in logged.items() if log_tp != tp}
+            stored = await self.store.claim(name, list(logged), self.owner, legacy=legacy)
+            progress = {logged[log_tp]: p for log_tp, p in stored.items()}
             for tp in tps:
                 self._epochs[tp] = progress[tp].epoch
                 self._fenced.discard(tp)
+            await self._check_ends(progress)
         else:
-            progress = await self.store.load_progress(name, tps)
+            stored = await self.store.load_progress(name, list(logged))
+            progress = {logged[log_tp]: p for log_tp, p in stored.items()}
             for tp in tps:
-                now = progress.get(tp)
-                mine = self._epochs.get(tp)
-                if (
-                    mine is not None
-                    and now is not None
-                    and now.epoch != mine
-                    and tp not in self._fenced
-                ):
-                    log.warning(
-                        "%s: lost %s[%d] to %s (ownership epoch %d, now %d); leaving it to them",
-                        name,
-                        tp.topic,
-                        tp.partition,
-                        now.owner or "another worker",
-                        mine,
-                        now.epoch,
-                    )
-                    self._fenced.add(tp)
+                now, mine = progress.get(tp), self._epochs.get(tp)
+                if tp in self._fenced or mine is None or now is None or now.epoch == mine:
+                    continue
+                log.warning(
+                    "%s: lost %s[%d] to %s (ownership epoch %d, now %d); leaving it to them",
+                    name,
+                    tp.topic,
+                    tp.partition,
+                    now.owner or "another worker",
+                    mine,
+                    now.epoch,
+                )
+                self._fenced.add(tp)
         offsets = {tp: p.offset for tp, p in progress.items() if p.offset is not None}
         partitions = sorted({tp.partition for tp in tps})
         states = await self.store.load_states(name, partitions)
@@ -549,9 +561,67 @@ class StepRunner:
             self._state_partition[key] = partition_for(
                 key.session.encode(), self.transport.partitions
             )
-        if seek and self._sub is not None:
-            for tp, offset in offsets.items():
-                await self._sub.seek(tp, offset + 1)
+        if seek:
+            for tp in tps:
+                if tp in self._stopped:
+                    continue  # left where it is: what arrives is counted as skipped
+                # Postgres is the truth: nothing stored means the log's start,
+                # whatever position the broker kept (a recreated topic's group
+                # offsets, a durable consumer of an older stream).
+                self._seeks[tp] = offsets[tp] + 1 if tp in offsets else 0
+            await self._apply_seeks()
+
+    async def _apply_seeks(self) -> None:
+        """Seek where ``_load`` decided; kept until the subscription exists.
+
+        Transports announce a static assignment from inside ``subscribe``,
+        before the runner holds the subscription.
+        """
+        if self._sub is None:
+            return
+        seeks, self._seeks = self._seeks, {}
+        for tp, offset in seeks.items():
+            if tp in self._owned:
+                await self._sub.seek(tp, offset)
+
+    def _log_tp(self, tp: TopicPartition) -> TopicPartition:
+        """Where the store keeps ``tp``'s progress: its log, not its logical name."""
+        return TopicPartition(self._logs.get(tp.topic, tp.topic), tp.partition)
+
+    async def _check_ends(self, progress: Mapping[TopicPartition, Progress]) -> None:
+        """Stop partitions whose stored offset lies beyond the end of their log.
+
+        The same log (same incarnation) cannot have lost messages it had
+        already delivered, so this is a store or broker fault to look at, not
+        something to guess around: skipping ahead, or starting over, could lose
+        or redo work. The partition is left alone until an operator resets it.
+        """
+        stored = {tp: p.offset for tp, p in progress.items() if p.offset is not None}
+        ends = await self.transport.log_ends(list(stored)) if stored else {}
+        for tp, offset in stored.items():
+            end = ends.get(tp)
+            if end is None or offset <= end:
+                self._stopped.discard(tp)
+                continue
+            self._stopped.add(tp)
+            log.error(
+                "%s: stopped %s[%d]: its stored offset %d is beyond the end of its log %s "
+                "(last offset %d); reset it with `sluice offsets reset --step %s --partition %d "
+                "--to-latest` (or --to-earliest, --to N)",
+                self.processor.name,
+                tp.topic,
+                tp.partition,
+                offset,
+                self._logs.get(tp.topic, tp.topic),
+                end,
+                self.processor.name,
+                tp.partition,
+            )
+
+    @property
+    def stopped(self) -> frozenset[TopicPartition]:
+        """Partitions stopped because their stored offset is beyond their log's end."""
+        return frozenset(self._stopped)
 
     async def _reset_or_raise(self) -> None:
         """``_reset``; a store failure on the way is a ``StoreUnavailableError`` (retried)."""
@@ -616,6 +686,10 @@ class StepRunner:
         tp = msg.tp
         if tp in self._fenced:
             return  # another worker owns it now; not ours to process or ack
+        if tp in self._stopped:
+            # Not processed, not acked: counted, and its error was logged at assignment.
+            self.stats.skipped += 1
+            return
         done = self._offsets.get(tp)
         if done is not None and msg.offset <= done:
             self.stats.skipped += 1
@@ -864,8 +938,10 @@ class StepRunner:
         started = time.perf_counter()
         batch = pending.batch
         for tp, passed in moved.items():
-            batch.offsets[tp] = (passed[0].offset, passed[-1].offset)
-        batch.epochs = {tp: e for tp, e in self._epochs.items() if tp not in self._fenced}
+            batch.offsets[self._log_tp(tp)] = (passed[0].offset, passed[-1].offset)
+        batch.epochs = {
+            self._log_tp(tp): e for tp, e in self._epochs.items() if tp not in self._fenced
+        }
         if pending.produce:
             await self.transport.publish_batch(pending.produce)
         if not batch.is_empty():

@@ -111,6 +111,22 @@ class Transport(Protocol):
         """Delete the topics and their messages (missing ones are fine)."""
         ...
 
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        """Each existing topic's log identity: ``<transport>:<full name>@<incarnation>``.
+
+        The incarnation tells a recreated topic or stream from the one that
+        was there before (a NATS stream's creation time, a Kafka topic's id),
+        so progress stored for one log is never applied to another.
+        """
+        ...
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset of the last message in each partition (-1, or 0 on NATS, when empty).
+
+        A partition whose end cannot be told is left out.
+        """
+        ...
+
     async def publish(self, message: OutMessage) -> None:
         """Publish one message and wait for the broker's ack."""
         ...

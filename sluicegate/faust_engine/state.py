@@ -130,9 +130,14 @@ class MirroredStore:
         return await self.inner.load_offsets(step, tps)
 
     async def claim(
-        self, step: str, tps: Iterable[TopicPartition], owner: str
+        self,
+        step: str,
+        tps: Iterable[TopicPartition],
+        owner: str,
+        *,
+        legacy: Mapping[TopicPartition, TopicPartition] | None = None,
     ) -> dict[TopicPartition, Progress]:
-        return await self.inner.claim(step, tps, owner)
+        return await self.inner.claim(step, tps, owner, legacy=legacy)
 
     async def load_progress(
         self, step: str, tps: Iterable[TopicPartition]

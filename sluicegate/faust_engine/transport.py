@@ -77,6 +77,13 @@ class FaustTransport:
 
     # -- producing -----------------------------------------------------------------
 
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        # The same logs as the native Kafka transport's: an engine switch keeps progress.
+        return await self._admin.log_ids(topics)
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return await self._admin.log_ends(tps)
+
     async def publish(self, message: OutMessage) -> None:
         await self.publish_batch([message])
 

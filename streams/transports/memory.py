@@ -32,12 +32,18 @@ class MemoryTransport:
         self._logs: dict[TopicPartition, list[Message]] = {}
         self._committed: dict[tuple[str, TopicPartition], int] = {}
         self._changed = asyncio.Event()
+        # Incarnation of each topic: a deleted and recreated topic is a new log.
+        self._incarnations: dict[str, int] = {}
+        self._created = 0
 
     async def connect(self) -> None:
         return None
 
     async def ensure_topics(self, topics: Iterable[str]) -> None:
         for topic in topics:
+            if topic not in self._incarnations:
+                self._created += 1
+                self._incarnations[topic] = self._created
             for p in range(self.partitions):
                 self._logs.setdefault(TopicPartition(topic, p), [])
 
@@ -45,6 +51,18 @@ class MemoryTransport:
         doomed = set(topics)
         for tp in [tp for tp in self._logs if tp.topic in doomed]:
             del self._logs[tp]
+        for topic in doomed:
+            self._incarnations.pop(topic, None)
+
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        return {
+            t: f"memory:{self.prefix}.{t}@{self._incarnations[t]}"
+            for t in topics
+            if t in self._incarnations
+        }
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self._logs[tp]) - 1 for tp in tps if tp in self._logs}
 
     def _append(self, out: OutMessage) -> None:
         p = out.partition if out.partition is not None else partition_for(out.key, self.partitions)

@@ -69,6 +69,12 @@ class FaustLikeTransport:
     async def delete_topics(self, topics: Iterable[str]) -> None:
         return None
 
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        return {t: t for t in topics}  # progress stays keyed by the plain topic here
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {}  # unknown: nothing to check against
+
     async def publish(self, message: OutMessage) -> None:
         await self.publish_batch([message])
 

@@ -21,7 +21,7 @@ from streams.codec import decode, encode, headers_for
 from streams.envelope import Event
 from streams.runner import RunnerConfig, StepRunner
 from streams.step import Context, Output, StateKey
-from streams.transport import OutMessage
+from streams.transport import OutMessage, TopicPartition
 from streams.transports.memory import MemoryTransport
 
 
@@ -274,3 +274,71 @@ async def test_run_once_handles_a_batch_to_the_end_with_keys_concurrent(partitio
     assert step.peak > 1 and not step.overlap
     assert all(step.order[f"s{i}"] == [0, 1, 2] for i in range(20))
     assert store.states[("gated", StateKey("t", "s0"))][1] == b'{"count":3}'
+
+
+# -- progress identity: offsets belong to one log ---------------------------------------
+
+
+async def test_a_recreated_topic_is_a_new_log_processed_from_its_start() -> None:
+    t, store, _step, runner = await started()
+    await publish(t, [item(n, "s") for n in range(3)])
+    while await runner.run_once():
+        pass
+    assert list(store.offsets.values()) == [2]
+    await runner.close()
+    # The topic is lost and made again (a broker that lost its log): offsets restart at 0.
+    await t.delete_topics(["in"])
+    await t.ensure_topics(["in"])
+    await publish(t, [item(n, "s") for n in range(3, 5)])
+    again = StepRunner(Gated(), t, store, config=runner.config)
+    await again.start()
+    while await again.run_once():
+        pass
+    assert again.stats.processed == 2 and again.stats.skipped == 0
+    assert sorted(store.offsets.values()) == [1, 2]  # one row per log
+
+
+async def test_a_stored_offset_beyond_the_end_of_its_log_stops_that_partition(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t, store, _step, runner = await started(partitions=2)
+    sessions = ["a", "b", "c", "d"]
+    await publish(t, [item(0, s) for s in sessions])
+    while await runner.run_once():
+        pass
+    await runner.close()
+    (log_tp, _) = next((tp, o) for (_, tp), o in store.offsets.items() if tp.partition == 0)
+    store.offsets[("gated", log_tp)] = 99  # ahead of anything partition 0 ever had
+    await publish(t, [item(1, s) for s in sessions])
+    again = StepRunner(Gated(), t, store, config=runner.config)
+    await again.start()
+    while await again.run_once():
+        pass
+    [stopped] = again.stopped
+    assert stopped.partition == 0
+    assert store.offsets[("gated", log_tp)] == 99  # untouched, nothing processed there
+    assert again.stats.processed == sum(1 for s in sessions if partition_of(s, 2) == 1)
+    assert again.stats.skipped == sum(1 for s in sessions if partition_of(s, 2) == 0)
+    [line] = [r.getMessage() for r in caplog.records if "beyond the end" in r.getMessage()]
+    assert "in[0]" in line and "sluice offsets reset --step gated --partition 0" in line
+
+
+async def test_progress_kept_under_the_plain_topic_name_is_adopted_once() -> None:
+    t = MemoryTransport(partitions=1)
+    await t.ensure_topics(["in", "out"])
+    store = MemoryCheckpointStore()
+    # As an older sluicegate stored it: keyed by the logical topic.
+    store.offsets[("gated", TopicPartition("in", 0))] = 1
+    await publish(t, [item(n, "s") for n in range(4)])
+    runner = StepRunner(Gated(), t, store, config=RunnerConfig(fetch_timeout_s=0.01))
+    await runner.start()
+    while await runner.run_once():
+        pass
+    assert runner.stats.processed == 2  # offsets 2 and 3: it resumed after the adopted 1
+    assert list(store.offsets) == [("gated", runner._log_tp(TopicPartition("in", 0)))]
+
+
+def partition_of(session: str, partitions: int) -> int:
+    from streams.partitioning import partition_for
+
+    return partition_for(session.encode(), partitions)

@@ -26,6 +26,7 @@ from streams.transport import (
     OutMessage,
     PartitionsCallback,
     StartFrom,
+    TopicPartition,
     TransportError,
     target_partition,
 )
@@ -45,6 +46,7 @@ from streams.transports.kafka.clients import (
 )
 from streams.transports.kafka.names import _encode_headers, _Names
 from streams.transports.kafka.subscription import KafkaSubscription
+from streams.transports.kafka.topic_ids import topic_ids
 
 # One logger for the whole transport, named as when it was one module.
 log = logging.getLogger("streams.transports.kafka")
@@ -179,6 +181,34 @@ class KafkaTransport:
         except KafkaError as exc:
             raise _error(f"deleting topics {names} on {self.bootstrap}", exc) from exc
         self._ready_topics.difference_update(names)
+
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        self._connected()
+        names = {self._names.kafka(t): t for t in topics}
+        try:
+            ids = await topic_ids(self._client, list(names))
+        except (KafkaError, TimeoutError, ValueError) as exc:
+            raise _error(f"reading topic ids of {list(names)} on {self.bootstrap}", exc) from exc
+        existing = set(ids)
+        if len(existing) < len(names):
+            # A broker without topic ids (before Kafka 2.8) gives the name
+            # alone: then a recreated topic cannot be told from the old one.
+            existing |= set(await self._admin.list_topics()) & set(names)
+        return {
+            logical: f"kafka:{name}@{ids.get(name, 'noid')}"
+            for name, logical in names.items()
+            if name in existing
+        }
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        self._connected()
+        wanted = {KafkaTopicPartition(self._names.kafka(tp.topic), tp.partition): tp for tp in tps}
+        try:
+            ends = await self._end_offsets(list(wanted))
+        except KafkaError as exc:
+            raise _error(f"reading the ends of {sorted(tps)} on {self.bootstrap}", exc) from exc
+        # The end is the next offset to be written; the last message is one before.
+        return {wanted[ktp]: end - 1 for ktp, end in ends.items()}
 
     async def _await_topics(self, names: Sequence[str], deadline_s: float = 10.0) -> None:
         """Wait until metadata shows every topic with all partitions led."""
