@@ -233,8 +233,8 @@ class KafkaTransport:
                 # Partition numbers are computed for ``partitions``: a topic with
                 # another count would put keys where NATS does not.
                 raise TransportError(
-                    f"topic {name!r} has {len(parts)} partitions, this transport uses "
-                    f"{self.partitions}"
+                    f"topic {name!r} has {len(parts)} partitions, but SLUICE_PARTITIONS is "
+                    f"{self.partitions}: use {len(parts)}, or recreate the topic"
                 )
             return len(parts) == self.partitions and all(p["leader"] >= 0 for p in parts)
         return False
