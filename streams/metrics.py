@@ -22,8 +22,8 @@ Every instrument has the attribute ``sluice.step``:
   partition after the batch, where the transport tells it cheaply (see
   :func:`lag_probe`);
 - ``sluice.step.in_flight`` (gauge): inputs fetched and not yet checkpointed;
-- ``sluice.step.key_queue.depth`` (gauge): inputs waiting behind the busiest
-  key (tenant, session), which is what a slow session holds back.
+- ``sluice.step.key_queue.depth`` (gauge): inputs queued on the busiest key
+  (tenant, session), the one in process included: what a slow session holds.
 
 Counts come from the committed batch itself (its audit rows and produced
 messages), so a batch that is rewound and fetched again is counted once.
@@ -123,7 +123,7 @@ class _Instruments:
             "sluice.step.key_queue.depth",
             callbacks=[_observe_load(1)],
             unit="{event}",
-            description="Inputs waiting behind the busiest key (tenant, session)",
+            description="Inputs queued on the busiest key (tenant, session), its current one included",
         )
 
 

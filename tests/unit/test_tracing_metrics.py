@@ -133,3 +133,42 @@ async def test_lag_is_recorded_per_partition(metric_reader: InMemoryMetricReader
         for p in metric_points(metric_reader)["sluice.step.consumer.lag"]
     }
     assert lags == {"0": 9, "1": 8}
+
+
+async def test_in_flight_and_the_busiest_key_queue_are_gauged(
+    metric_reader: InMemoryMetricReader,
+) -> None:
+    import asyncio
+
+    class Held(Gate):
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def process(self, event: Event, ctx: Context) -> list[Output]:
+            if event.session == "slow":
+                await self.release.wait()
+            return await super().process(event, ctx)
+
+    t = MemoryTransport(partitions=1)
+    await t.ensure_topics(["in"])
+    step = Held()
+    runner = StepRunner(step, t, MemoryCheckpointStore())
+    await runner.start()
+    slow = [
+        Event(source="t", type="ping", tenant="a", session="slow", data={"n": n}) for n in (1, 2, 4)
+    ]
+    fast = [Event(source="t", type="ping", tenant="a", session="fast", data={"n": 1})]
+    await t.publish_batch([msg(e) for e in slow + fast])
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    for _ in range(5000):  # until the fast event is checkpointed (a bounded number of turns)
+        if runner.stats.batches:
+            break
+        await asyncio.sleep(0.001)
+    found = metric_points(metric_reader)
+    # Checkpointed with the three slow ones still in flight, all queued on their key.
+    assert total(found, "sluice.step.in_flight", sluice_step="gate") == 3
+    assert total(found, "sluice.step.key_queue.depth", sluice_step="gate") == 3
+    step.release.set()
+    stop.set()
+    await task
