@@ -123,7 +123,7 @@ class _Instruments:
             "sluice.step.key_queue.depth",
             callbacks=[_observe_load(1)],
             unit="{event}",
-            description="Inputs queued on the busiest key (tenant, session), its current one included",
+            description="Inputs queued on the busiest key (tenant, session), current one included",
         )
 
 
