@@ -96,15 +96,14 @@ class Watermarks:
     def drop(self, tps: frozenset[TopicPartition] | None = None) -> int:
         """Forget ``tps`` (all partitions when None), marking their slots dropped.
 
-        Returns how many of them were not done (in flight, never completed).
+        Returns how many inputs were forgotten.
         """
-        undone = 0
+        dropped = 0
         for tp in list(self._slots) if tps is None else tps:
             for slot in self._slots.pop(tp, ()):
-                if not slot.done:
-                    undone += 1
                 slot.dropped = True
-        return undone
+                dropped += 1
+        return dropped
 
 
 @dataclass(slots=True)

@@ -19,9 +19,11 @@ Agent steps wait on models and tools, so a runner keeps many inputs in flight
    is done); then the broker offsets are committed / NATS acked up to the
    watermarks. While one checkpoint runs, completions gather for the next, so
    Postgres round trips do not grow with concurrency;
-4. **backpressure**: at most ``max_in_flight`` inputs are fetched and not
-   checkpointed; fetching waits for room, so a slow model slows consumption
-   instead of growing memory.
+4. **backpressure**: at most ``max_in_flight`` inputs are fetched and not yet
+   passed by their partition's watermark (not yet acked to the broker);
+   fetching waits for room, so a slow model slows consumption instead of
+   growing memory. Counting done-above-gap inputs too bounds what a restart
+   fetches again, so the recent-ids window that absorbs it can be bounded.
 
 Inputs done above a gap (a slow key below them) are checkpointed with their
 batch; after a crash they are fetched again and absorbed by id. A failed or
@@ -97,7 +99,7 @@ __all__ = [
 # The default bound on inputs in flight per step runner. Measured with the
 # planner on a 200 ms model (sluice bench --mode pipeline --model-latency):
 # see README "Benchmarks". Each input in flight costs a few kB.
-DEFAULT_MAX_IN_FLIGHT = 1024
+DEFAULT_MAX_IN_FLIGHT = 4096
 
 
 @dataclass(slots=True)
@@ -105,7 +107,8 @@ class RunnerConfig:
     # Most messages one fetch asks for (also bounded by the room left in flight).
     batch_size: int = 500
     fetch_timeout_s: float = 0.25
-    # Inputs fetched and not yet checkpointed, per runner (SLUICE_MAX_IN_FLIGHT).
+    # Inputs fetched and not yet passed by their partition's watermark (not
+    # yet acked to the broker), per runner (SLUICE_MAX_IN_FLIGHT).
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     # How long a checkpoint waits for more completions to join it once one
     # is there (SLUICE_COMMIT_INTERVAL_MS). Under load completions gather while
@@ -120,8 +123,11 @@ class RunnerConfig:
     retry_backoff_s: float = 0.02
     commit_attempts: int = 5
     tick_interval_s: float = 1.0
-    # How many recent input ids per partition are kept to absorb re-produced events.
-    dedupe_window: int = 50_000
+    # How many recent input ids per partition are kept to absorb re-produced
+    # events; None: twice max_in_flight. After a restart a partition fetches
+    # again at most max_in_flight inputs it may have done; the rest of the
+    # window absorbs an upstream step's replayed outputs.
+    dedupe_window: int | None = None
     max_event_bytes: int = 1024 * 1024
     # Testing aid: SIGKILL this process right after this many checkpoint commits
     # (of all runners in the process), before the broker ack: the narrowest
@@ -135,6 +141,15 @@ class RunnerConfig:
             raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.dedupe_window is not None and self.dedupe_window < 0:
+            raise ValueError(f"dedupe_window must not be negative, got {self.dedupe_window}")
+
+    @property
+    def recent_ids(self) -> int:
+        """The dedupe window in effect, per partition."""
+        if self.dedupe_window is not None:
+            return self.dedupe_window
+        return 2 * self.max_in_flight
 
 
 @dataclass(slots=True)
@@ -498,7 +513,8 @@ class StepRunner:
         while self._marks.undone(tps) and loop.time() < deadline:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.05)
+                async with asyncio.timeout(0.05):  # (not wait_for: see memory.py)
+                    await self._wake.wait()
         if self._broken is None:
             try:
                 async with self._commit_lock:
@@ -550,8 +566,8 @@ class StepRunner:
         for key, blob in states.items():
             self._states[key] = blob
         for partition in partitions:
-            recent = await self.store.load_recent_ids(name, partition, self.config.dedupe_window)
-            self._dedupe[partition] = _Dedupe(self.config.dedupe_window, recent)
+            recent = await self.store.load_recent_ids(name, partition, self.config.recent_ids)
+            self._dedupe[partition] = _Dedupe(self.config.recent_ids, recent)
         for tp in tps:
             if tp in offsets:
                 self._offsets[tp] = offsets[tp]
@@ -701,7 +717,7 @@ class StepRunner:
         self.stats.by_partition[tp] = self.stats.by_partition.get(tp, 0) + 1
         dedupe = self._dedupe.get(msg.partition)
         if dedupe is None:
-            dedupe = self._dedupe[msg.partition] = _Dedupe(self.config.dedupe_window)
+            dedupe = self._dedupe[msg.partition] = _Dedupe(self.config.recent_ids)
         event_id = msg.headers.get("ce_id")
         if event_id is not None and event_id in dedupe:
             self._absorb(slot)
@@ -950,7 +966,8 @@ class StepRunner:
         self._marks.release(moved)
         for tp, passed in moved.items():
             self._offsets[tp] = passed[-1].offset
-        self._in_flight -= pending.inputs
+        # Room frees up as the watermarks pass inputs, not as they complete.
+        self._in_flight -= sum(len(passed) for passed in moved.values())
         self._wake.set()
         committed = [m for passed in moved.values() for m in passed]
         committed.extend(acks)

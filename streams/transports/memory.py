@@ -149,7 +149,11 @@ class MemorySubscription:
             return batch
         self._t._changed.clear()
         try:
-            await asyncio.wait_for(self._t._changed.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+            # a cancellation that lands as the wait ends, and the cancelled
+            # runner would go on running.
+            async with asyncio.timeout(timeout):
+                await self._t._changed.wait()
         except TimeoutError:
             return []
         return self._take(max_messages)
