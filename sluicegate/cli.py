@@ -30,9 +30,11 @@ COMMANDS: dict[str, str] = {
     "db": "sluicegate.cli_db:db",
     "demo": "sluicegate.cli_demo:demo",
     "local": "sluicegate.cli_local:local",
+    "offsets": "sluicegate.cli_offsets:offsets",
     "policy": "sluicegate.cli_policy:policy",
     "publish": "sluicegate.cli_publish:publish",
     "run": "sluicegate.cli_run:run",
+    "status": "sluicegate.cli_status:status",
     "tail": "sluicegate.cli_tail:tail",
 }
 
