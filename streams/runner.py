@@ -700,8 +700,11 @@ class StepRunner:
 
     def _admit(self, msg: Message) -> None:
         tp = msg.tp
-        if tp in self._fenced:
-            return  # another worker owns it now; not ours to process or ack
+        if tp not in self._owned or tp in self._fenced:
+            # Revoked (a fetch can still hand out what was buffered before
+            # the rebalance) or claimed by another worker: not ours to
+            # process or ack. Its commit could not be fenced.
+            return
         if tp in self._stopped:
             # Not processed, not acked: counted, and its error was logged at assignment.
             self.stats.skipped += 1
