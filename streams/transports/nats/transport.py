@@ -30,6 +30,7 @@ from streams.transport import (
     TransportError,
     target_partition,
 )
+from streams.transports.nats import logs
 from streams.transports.nats.names import (
     _ERR_STREAM_NAME_IN_USE,
     _PREFIX_RE,
@@ -39,6 +40,7 @@ from streams.transports.nats.names import (
     stream_name,
     subject_for,
 )
+from streams.transports.nats.partitions import check_partitions, describe_partitions
 from streams.transports.nats.reader import _PartitionReader
 from streams.transports.nats.subscription import NatsSubscription
 from streams.transports.nats.wire import (
@@ -167,6 +169,14 @@ class NatsTransport:
             except (NatsError, TimeoutError) as exc:
                 raise TransportError(f"cannot delete stream {name} ({topic!r}): {exc}") from exc
 
+    async def log_ids(self, topics: Sequence[str]) -> dict[str, str]:
+        _, js = self._conn()
+        return await logs.log_ids(js, self.prefix, topics)
+
+    async def log_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        _, js = self._conn()
+        return await logs.log_ends(js, self.prefix, tps)
+
     def _stream_config(self, topic: str) -> StreamConfig:
         t = self.tuning
         return StreamConfig(
@@ -180,26 +190,37 @@ class NatsTransport:
             max_msg_size=t.max_msg_size,
             max_age=t.max_age,
             max_bytes=t.max_bytes,
+            # JetStream has no partitions: the count lives here, so a worker or
+            # publisher configured with another count is refused (partitions.py).
+            description=describe_partitions(topic, self.partitions),
         )
 
     async def _ensure_stream(self, topic: str) -> None:
         _check_topic(topic)
         _, js = self._conn()
         name = stream_name(self.prefix, topic)
-        try:
-            await js.stream_info(name)
-            return
-        except NotFoundError:
-            pass
-        except (NatsError, TimeoutError) as exc:
-            raise TransportError(f"cannot look up stream {name} ({topic!r}): {exc}") from exc
-        try:
-            await js.add_stream(self._stream_config(topic))
-        except APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:  # else another worker won the race
+        for attempt in (1, 2):
+            try:
+                info = await js.stream_info(name)
+            except NotFoundError:
+                pass
+            except (NatsError, TimeoutError) as exc:
+                raise TransportError(f"cannot look up stream {name} ({topic!r}): {exc}") from exc
+            else:
+                check_partitions(info.config.description, name, topic, self.partitions)
+                return
+            if attempt == 2:
+                break
+            try:
+                await js.add_stream(self._stream_config(topic))
+                return
+            except APIError as exc:
+                # Another worker won the race: look at what it created.
+                if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                    raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
+            except (NatsError, TimeoutError) as exc:
                 raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
-        except (NatsError, TimeoutError) as exc:
-            raise TransportError(f"cannot create stream {name} ({topic!r}): {exc}") from exc
+        raise TransportError(f"stream {name} ({topic!r}) was created and is gone again")
 
     # -- publishing ---------------------------------------------------------
 
