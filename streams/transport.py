@@ -150,9 +150,11 @@ class Transport(Protocol):
         ``group`` names a consumer group (Kafka) or durable consumers (NATS,
         one per group and partition). ``group=None`` is an observer that joins
         no group and moves no offsets (``sluice tail``). ``partitions`` selects
-        owned partitions statically (NATS ``--instance i/n``); ``None`` means
-        all of them (NATS) or what the group assigns (Kafka). ``on_assign`` is
-        awaited before the first fetch from newly owned partitions.
+        owned partitions statically (``--instance i/n``); ``None`` means what
+        the group assigns (Kafka consumer groups; NATS leases), which may
+        change while fetching. ``on_assign`` is awaited before the first fetch
+        from newly owned partitions; ``on_revoke`` before owned partitions are
+        given up.
         """
         ...
 

@@ -13,10 +13,12 @@ NATS has no message keys, no consumer groups and no rebalancing, so:
   :func:`streams.partitioning.partition_for`, the same function Kafka uses;
 - ``Nats-Msg-Id`` is the event id (header ``ce_id``), so JetStream's duplicate
   window absorbs outputs that a replayed step produces again;
-- partitions are owned statically (``partitions=``), and a new subscription of
-  a group resets each durable to just after its ack floor, so whatever a
-  crashed worker fetched and never committed comes back at once instead of
-  after ``ack_wait``.
+- the workers of a group share its partitions through heartbeats and leases
+  in a KV bucket (``<prefix>_owners``) with rendezvous hashing, or own fixed
+  ones (``partitions=``, ``--instance i/n``) whose leases they claim; see
+  ``ownership``. A reader that takes a partition over resets its durable to
+  just after the ack floor, so whatever a crashed worker fetched and never
+  committed comes back at once instead of after ``ack_wait``.
 
 Offsets are JetStream stream sequences: they grow within a partition but are
 shared by all partitions of a topic, so they have gaps.
@@ -35,10 +37,18 @@ avoid its slow spots (benchmarks/nats_transport_micro.py measures them):
 
 The modules: ``names`` (names, validation, :class:`NatsTuning`), ``wire``
 (headers, HPUB commands, publish acks), ``transport`` (:class:`NatsTransport`),
-``subscription`` (:class:`NatsSubscription`) and ``reader`` (one owned
-partition's consumer and pull requests).
+``subscription`` (:class:`NatsSubscription`), ``reader`` (one owned
+partition's consumer and pull requests), ``leases`` (the ownership bucket, its
+keys, rendezvous hashing, :func:`read_ownership`) and ``ownership`` (the
+protocol that takes, keeps and gives up a group's partitions).
 """
 
+from streams.transports.nats.leases import (
+    OwnershipView,
+    WorkerInfo,
+    new_worker_id,
+    read_ownership,
+)
 from streams.transports.nats.names import NatsTuning, consumer_name, stream_name, subject_for
 from streams.transports.nats.subscription import NatsSubscription
 from streams.transports.nats.transport import NatsTransport
@@ -59,8 +69,12 @@ __all__ = [
     "NatsSubscription",
     "NatsTransport",
     "NatsTuning",
+    "OwnershipView",
+    "WorkerInfo",
     "consumer_name",
     "encode_key",
+    "new_worker_id",
+    "read_ownership",
     "split_headers",
     "stream_name",
     "subject_for",

@@ -1,9 +1,9 @@
 """Names and settings of the NATS transport.
 
 It owns how logical names map onto JetStream's (``stream_name``,
-``subject_for``, ``consumer_name``), what a topic or prefix may look like,
-the JetStream API error codes the transport acts on, and its knobs
-(:class:`NatsTuning`).
+``subject_for``, ``consumer_name``, ``owners_bucket``, ``key_token``), what a
+topic or prefix may look like, the JetStream API error codes the transport
+acts on, and its knobs (:class:`NatsTuning`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from streams.transport import TransportError
 # JetStream API error codes we act on.
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_STREAM_NOT_FOUND = 10059
+# A publish whose expected last subject sequence did not match (KV compare-and-set).
+_ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -57,6 +59,13 @@ class NatsTuning:
     # How long fetch keeps waiting for a batch the server says is on its way.
     fill_wait: float = 0.05
     observer_inactive_threshold: float = 60.0
+    # Ownership (ownership.py). Workers' heartbeats and partition leases live
+    # in a KV bucket whose max_age is lease_ttl: a key not refreshed within it
+    # vanishes, so a dead worker's partitions move after about lease_ttl +
+    # heartbeat. Every heartbeat a worker re-puts its heartbeat, refreshes its
+    # leases and rebalances; lease_ttl must allow at least one missed beat.
+    lease_ttl: float = 10.0
+    heartbeat: float = 2.0
 
     def __post_init__(self) -> None:
         if self.storage not in ("file", "memory"):
@@ -65,6 +74,11 @@ class NatsTuning:
             raise ValueError("publish_window must be at least 2 and publish_window_bytes positive")
         if self.pull_expires <= 0 or self.fetch_max_bytes <= 0:
             raise ValueError("pull_expires and fetch_max_bytes must be positive")
+        if not 0 < 2 * self.heartbeat <= self.lease_ttl:
+            raise ValueError(
+                f"heartbeat ({self.heartbeat}s) must be positive and at most half of "
+                f"lease_ttl ({self.lease_ttl}s)"
+            )
 
 
 def stream_name(prefix: str, topic: str) -> str:
@@ -77,6 +91,16 @@ def subject_for(prefix: str, topic: str, partition: int) -> str:
 
 def consumer_name(group: str, partition: int) -> str:
     return f"{_CONSUMER_UNSAFE.sub('_', group)}-p{partition}"
+
+
+def owners_bucket(prefix: str) -> str:
+    """The KV bucket holding the workers' heartbeats and partition leases of ``prefix``."""
+    return f"{prefix}_owners"
+
+
+def key_token(text: str) -> str:
+    """``text`` as one KV key token (groups and worker ids; dots separate tokens)."""
+    return _CONSUMER_UNSAFE.sub("_", text) or "_"
 
 
 def _check_topic(topic: str) -> None:

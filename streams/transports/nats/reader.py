@@ -78,7 +78,6 @@ class _PartitionReader:
         self._delivered = 0  # by the live request
         self._server_pending = 0  # from the last delivery: messages left on the server
         self._last_seq = 0
-        owner.add(self)
 
     # -- consumer lifecycle ---------------------------------------------------
 

@@ -3,7 +3,8 @@
 It owns the connection, one stream per topic (created, checked, deleted),
 pipelined publishing with its acks counted per batch on one wildcard
 inbox, and ``subscribe``, which builds a :class:`NatsSubscription` with
-one partition reader per owned partition of each topic.
+one partition reader per owned partition of each topic and, for a group,
+the :class:`Ownership` that decides which partitions those are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,15 +33,23 @@ from streams.transport import (
     target_partition,
 )
 from streams.transports.nats import logs
+from streams.transports.nats.leases import (
+    OwnerBucket,
+    OwnershipView,
+    new_worker_id,
+    read_ownership,
+)
 from streams.transports.nats.names import (
     _ERR_STREAM_NAME_IN_USE,
     _PREFIX_RE,
     NatsTuning,
     _check_topic,
     consumer_name,
+    key_token,
     stream_name,
     subject_for,
 )
+from streams.transports.nats.ownership import Ownership
 from streams.transports.nats.partitions import check_partitions, describe_partitions
 from streams.transports.nats.reader import _PartitionReader
 from streams.transports.nats.subscription import NatsSubscription
@@ -62,7 +72,17 @@ log = logging.getLogger("streams.transports.nats")
 class NatsTransport:
     name = "nats"
 
-    def __init__(self, url: str, *, prefix: str, partitions: int, **tuning: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        partitions: int,
+        worker_id: str | None = None,
+        **tuning: Any,
+    ) -> None:
+        """``worker_id`` names this worker in the ownership bucket (default
+        ``<host>-<pid>-<random>``); ``tuning`` are :class:`NatsTuning` fields."""
         if partitions <= 0:
             raise ValueError(f"partitions must be positive, got {partitions}")
         if not _PREFIX_RE.fullmatch(prefix):
@@ -79,6 +99,14 @@ class NatsTransport:
         self._batch_ids = itertools.count(1)
         self._last_error: BaseException | None = None
         self._valid_topics: set[str] = set()
+        if worker_id is not None and key_token(worker_id) != worker_id:
+            raise ValueError(f"worker_id {worker_id!r} may only hold letters, digits, '_' and '-'")
+        self.worker_id = worker_id or new_worker_id()
+        self._owners: OwnerBucket | None = None
+        self._owners_lock = asyncio.Lock()
+        self._elastic: dict[str, NatsSubscription] = {}
+        # Closed with the transport: their leases are released, not left to expire.
+        self._subscriptions: weakref.WeakSet[NatsSubscription] = weakref.WeakSet()
 
     # -- connection ---------------------------------------------------------
 
@@ -144,6 +172,14 @@ class NatsTransport:
         return self._nc, self._js
 
     async def close(self) -> None:
+        for sub in list(self._subscriptions):
+            if not sub.closed and self._nc is not None and not self._nc.is_closed:
+                try:
+                    await sub.close()
+                except Exception:
+                    log.warning("closing a subscription of %s failed", self.url, exc_info=True)
+        self._subscriptions.clear()
+        self._owners = None
         nc, self._nc, self._js = self._nc, None, None
         if nc is None or nc.is_closed:
             return
@@ -311,33 +347,80 @@ class NatsTransport:
         on_assign: PartitionsCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
     ) -> NatsSubscription:
+        """Consume ``topics``; see :meth:`streams.transport.Transport.subscribe`.
+
+        A group without ``partitions`` shares the partitions with the other
+        workers of the group through leases (ownership.py): this returns once
+        this worker took the share that was free, and partitions come and go
+        later, each through ``on_assign``/``on_revoke``. With ``partitions``
+        the worker claims exactly those, refusing to start (TransportError)
+        when a live worker holds one. Observers (``group=None``) take no lease.
+        """
         nc, js = self._conn()
-        owned = range(self.partitions) if partitions is None else list(dict.fromkeys(partitions))
         topics = list(dict.fromkeys(topics))
-        for p in owned:
-            if not 0 <= p < self.partitions:
-                raise TransportError(f"partition {p} is outside 0..{self.partitions - 1}")
         for topic in topics:
             _check_topic(topic)
-        sub = NatsSubscription(nc, js, self.tuning, group)
+        static = None if partitions is None else list(dict.fromkeys(partitions))
+        for p in static or ():
+            if not 0 <= p < self.partitions:
+                raise TransportError(f"partition {p} is outside 0..{self.partitions - 1}")
+        if group is not None and static is None:
+            existing = self._elastic.get(group)
+            if existing is not None and not existing.closed:
+                raise TransportError(
+                    f"group {group!r} already has a subscription in worker {self.worker_id}"
+                )
         observer_id = uuid.uuid4().hex[:12]
-        readers = [
-            _PartitionReader(
+
+        def new_reader(sub: NatsSubscription, tp: TopicPartition) -> _PartitionReader:
+            return _PartitionReader(
                 sub,
-                TopicPartition(topic, p),
-                stream=stream_name(self.prefix, topic),
-                subject=subject_for(self.prefix, topic, p),
-                consumer=consumer_name(group, p) if group else f"obs-{observer_id}-p{p}",
+                tp,
+                stream=stream_name(self.prefix, tp.topic),
+                subject=subject_for(self.prefix, tp.topic, tp.partition),
+                consumer=(
+                    consumer_name(group, tp.partition)
+                    if group
+                    else f"obs-{observer_id}-p{tp.partition}"
+                ),
             )
-            for topic in topics
-            for p in owned
-        ]
+
+        sub = NatsSubscription(
+            nc, js, self.tuning, group, topics=topics, start=start, new_reader=new_reader
+        )
+        sub.on_assign, sub.on_revoke = on_assign, on_revoke
         try:
-            await asyncio.gather(*(r.open(start) for r in readers))
-            if on_assign is not None:
-                await on_assign(sub.assignment())
+            if group is None:
+                await sub.assign(range(self.partitions) if static is None else static)
+            else:
+                sub.ownership = Ownership(
+                    await self._owner_bucket(),
+                    sub,
+                    group=group,
+                    partitions=self.partitions,
+                    static=static,
+                    worker=self.worker_id,
+                    tuning=self.tuning,
+                )
+                if static is None:
+                    self._elastic[group] = sub
+                await sub.ownership.start()
         except BaseException:
             await sub.close()
             raise
-        sub.on_revoke = on_revoke  # only partitions that were assigned get revoked
+        self._subscriptions.add(sub)
         return sub
+
+    async def _owner_bucket(self) -> OwnerBucket:
+        async with self._owners_lock:
+            if self._owners is None:
+                nc, js = self._conn()
+                bucket = OwnerBucket(nc, js, self.prefix, self.tuning)
+                await bucket.open()
+                self._owners = bucket
+            return self._owners
+
+    async def ownership(self) -> OwnershipView:
+        """The live workers and who holds which partition, for ``sluice status``."""
+        nc, _ = self._conn()
+        return await read_ownership(nc, self.prefix, timeout=self.tuning.api_timeout)
