@@ -47,10 +47,12 @@ async def delete_test_streams(url: str) -> None:
         # The stream list comes in pages: repeat until a pass finds none.
         while True:
             names = [i.config.name for i in await js.streams_info() if i.config.name]
+            # ... and the KV buckets of their worker leases (KV_<prefix>_owners).
             doomed = [
                 name
                 for name in names
-                if TEST_STREAM.match(name) and name.split("_", 1)[0] in SESSION_PREFIXES
+                if TEST_STREAM.match(name.removeprefix("KV_"))
+                and name.removeprefix("KV_").split("_", 1)[0] in SESSION_PREFIXES
             ]
             if not doomed:
                 return
