@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from sinks.db import connect
 from sinks.migrate import migrate
 from sinks.queries import StoredResult, count_results, fetch_results
-from sluicegate.runtime import make_transport
+from sluicegate.pipeline import build_steps
+from sluicegate.runtime import make_transport, run_steps
 from sluicegate.settings import Settings, TransportName
 from streams.codec import encode, headers_for
 from streams.envelope import Event
@@ -171,3 +174,19 @@ async def scalar_rows(settings: Settings, query: str) -> list[tuple[object, ...]
 
 def unique_prefix() -> str:
     return new_prefix()
+
+
+@asynccontextmanager
+async def running_pipeline(settings: Settings) -> AsyncIterator[None]:
+    """The reference pipeline in this process, stopped (drained) on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_steps(build_steps(), settings, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        del task
+        # The policy gate's engine must be freed on this thread, not in a
+        # garbage collection that happens to run in a CLI thread later.
+        gc.collect()

@@ -12,11 +12,9 @@ in a restarted worker (which logs the command that resets it), and
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -24,8 +22,6 @@ import pytest
 
 from sluicegate.cli import main
 from sluicegate.pipeline import build_steps
-from sluicegate.runtime import run_steps
-from sluicegate.settings import Settings
 from streams.envelope import Event
 from streams.partitioning import partition_for
 from tests.integration.pipeline_support import (
@@ -35,6 +31,7 @@ from tests.integration.pipeline_support import (
     mixed_tasks,
     prepare_database,
     publish_events,
+    running_pipeline,
     scalar_rows,
     settings_for,
     wait_for_results,
@@ -78,22 +75,6 @@ def partitions_of(doc: dict[str, Any], step: str) -> list[dict[str, Any]]:
     [entry] = [s for s in doc["steps"] if s["step"] == step]
     parts: list[dict[str, Any]] = entry["partitions"]
     return parts
-
-
-@asynccontextmanager
-async def worker(settings: Settings) -> AsyncIterator[None]:
-    """The whole pipeline in this process, stopped (drained) on exit."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_steps(build_steps(), settings, stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        del task
-        # The policy gate's engine must be freed on this thread, not in a
-        # garbage collection that happens to run in a CLI thread later.
-        gc.collect()
 
 
 def tasks_on(partition: int, n: int, tag: str) -> list[Event]:
@@ -144,7 +125,7 @@ async def test_status_and_offsets_around_a_worker(
     spread = [e for p in range(PARTITIONS) for e in tasks_on(p, 2, f"spread-{kind}")]
 
     # -- a running worker drains some tasks --------------------------------------
-    async with worker(settings):
+    async with running_pipeline(settings):
         await publish_events(settings, [t.event for t in tasks] + spread)
         first = len(tasks) + len(spread)
         assert await wait_for_results(settings, first, timeout_s=90) == first
@@ -220,7 +201,7 @@ async def test_status_and_offsets_around_a_worker(
         f"WHERE step = 'intake' AND partition = {STOPPED} AND topic = '{log}' RETURNING 1",
     )
     caplog.set_level(logging.ERROR, logger="sluicegate.runner")
-    async with worker(settings):
+    async with running_pipeline(settings):
 
         async def stop_logged() -> list[str]:
             return [
@@ -245,7 +226,7 @@ async def test_status_and_offsets_around_a_worker(
     assert code == 0, err
     assert f"back from {end + 1000}" in out
     fresh = tasks_on(STOPPED, 6, f"back-{kind}")
-    async with worker(settings):
+    async with running_pipeline(settings):
         await publish_events(settings, fresh)
         want = first + len(fresh)
         assert await wait_for_results(settings, want, timeout_s=90) == want

@@ -16,8 +16,6 @@ import pytest
 from aiohttp import web
 
 from sluicegate.bench.model_standin import ModelStandin, RequestRecord, key_order_violations
-from sluicegate.pipeline import build_steps
-from sluicegate.runtime import run_steps
 from sluicegate.settings import Settings
 from streams.envelope import Event
 from tests.integration.pipeline_support import (
@@ -25,6 +23,7 @@ from tests.integration.pipeline_support import (
     prepare_database,
     publish_events,
     results_count,
+    running_pipeline,
     settings_for,
     unique_prefix,
     wait_for_results,
@@ -55,13 +54,10 @@ async def pipeline(
     monkeypatch.setenv("SLUICE_LLM_URL", standin.url)
     monkeypatch.setenv("SLUICE_LLM_CONCURRENCY", "512")
     await prepare_database(settings)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(run_steps(build_steps(), settings, stop=stop))
     try:
-        yield
+        async with running_pipeline(settings):
+            yield
     finally:
-        stop.set()
-        await asyncio.wait_for(worker, 60)
         await drop_schema(settings)
 
 

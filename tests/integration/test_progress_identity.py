@@ -11,14 +11,10 @@ What operators do, against real NATS, Kafka and Postgres:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 
-from sluicegate.pipeline import TOPICS, build_steps
-from sluicegate.runtime import make_transport, run_steps
+from sluicegate.pipeline import TOPICS
+from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
 from streams.envelope import Event
 from tests.integration.pipeline_support import (
@@ -26,6 +22,7 @@ from tests.integration.pipeline_support import (
     drop_schema,
     prepare_database,
     publish_events,
+    running_pipeline,
     scalar_rows,
     settings_for,
     unique_prefix,
@@ -37,24 +34,13 @@ pytestmark = pytest.mark.integration
 TASKS = 60
 
 
-@asynccontextmanager
-async def worker(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_steps(build_steps(), settings, stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-
 def batch(start: int) -> list[Event]:
     # 10 sessions, 6 tasks each: within the reference policy's per-session limits.
     return [calculator_task(start + i, 10).event for i in range(TASKS)]
 
 
 async def run_tasks(settings: Settings, start: int, expect: int) -> None:
-    async with worker(settings):
+    async with running_pipeline(settings):
         await publish_events(settings, batch(start))
         assert await wait_for_results(settings, expect, timeout_s=120) == expect
 
