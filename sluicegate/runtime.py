@@ -117,7 +117,12 @@ async def run_steps(
         for step in steps:
             store = await open_store(settings)
             stores.append(store)
-            runner = StepRunner(step, transport, store, partitions=partitions, config=config)
+            # One name for this worker in the NATS lease bucket and in
+            # step_offsets.owner, so `sluice status` can join the two.
+            owner = getattr(transport, "worker_id", None)
+            runner = StepRunner(
+                step, transport, store, partitions=partitions, config=config, owner=owner
+            )
             runners.append(runner)
         # In parallel: on Kafka each step joins its own consumer group, and
         # one after another the six groups took 6-7 s to start a worker.
