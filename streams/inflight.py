@@ -80,11 +80,6 @@ class Watermarks:
                     break  # the partition was dropped meanwhile
                 queue.popleft()
 
-    def held(self, tp: TopicPartition) -> int:
-        """Inputs of ``tp`` fetched and not yet passed by its watermark."""
-        queue = self._slots.get(tp)
-        return len(queue) if queue else 0
-
     def undone(self, tps: frozenset[TopicPartition]) -> int:
         """Inputs of ``tps`` whose step has not finished yet."""
         return sum(1 for tp in tps for slot in self._slots.get(tp, ()) if not slot.done)
