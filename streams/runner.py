@@ -246,6 +246,17 @@ class StepRunner:
         # messages are left to the new owner until the transport revokes them.
         self._epochs: dict[TopicPartition, int] = {}
         self._fenced: set[TopicPartition] = set()
+        # Partitions between assignment and the end of their load, and those
+        # being revoked: their messages are left unadmitted. Kafka fetches a
+        # newly assigned partition (from the group's committed offset) while
+        # on_assign still loads its progress and recent ids, so admitting
+        # them would redo work done above the last watermark; the seek that
+        # ends the load moves the position back and they are fetched again.
+        self._loading: set[TopicPartition] = set()
+        self._revoking: set[TopicPartition] = set()
+        # What admission lets in: owned, less fenced, loading and revoking
+        # (one set lookup per message; _update_admitting keeps it current).
+        self._admitting: frozenset[TopicPartition] = frozenset()
         # Progress identity: each input topic's log (transport, full name,
         # incarnation); the store keys progress by it, so a recreated topic
         # or another transport's log never inherits these offsets.
@@ -485,13 +496,26 @@ class StepRunner:
 
     async def _on_assign(self, tps: frozenset[TopicPartition]) -> None:
         self._owned = self._owned | tps
+        self._loading |= tps
+        self._update_admitting()
         await self._load(tps, seek=True, claim=True)
+        # Only on success: a partition whose load failed stays unadmitted
+        # (the failure stops the runner through the next fetch).
+        self._loading -= tps
+        self._update_admitting()
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
-        if self._running:
-            # Let what is in flight on them finish and be checkpointed first.
-            await self._finish(tps)
+        # Nothing new is admitted from them: the next owner fetches it.
+        self._revoking |= tps
+        self._update_admitting()
+        try:
+            if self._running:
+                # Let what is in flight on them finish and be checkpointed first.
+                await self._finish(tps)
+        finally:
+            self._revoking -= tps
         self._owned = self._owned - tps
+        self._loading -= tps
         self._in_flight -= self._marks.drop(tps)
         gone = {tp.partition for tp in tps} - {tp.partition for tp in self._owned}
         for tp in tps:
@@ -505,7 +529,11 @@ class StepRunner:
                 self._states.pop(key, None)
         for partition in gone:
             self._dedupe.pop(partition, None)
+        self._update_admitting()
         self._wake.set()
+
+    def _update_admitting(self) -> None:
+        self._admitting = self._owned - self._fenced - self._loading - self._revoking
 
     async def _finish(self, tps: frozenset[TopicPartition]) -> None:
         loop = asyncio.get_running_loop()
@@ -560,6 +588,7 @@ class StepRunner:
                     now.epoch,
                 )
                 self._fenced.add(tp)
+        self._update_admitting()
         offsets = {tp: p.offset for tp, p in progress.items() if p.offset is not None}
         partitions = sorted({tp.partition for tp in tps})
         states = await self.store.load_states(name, partitions)
@@ -700,10 +729,10 @@ class StepRunner:
 
     def _admit(self, msg: Message) -> None:
         tp = msg.tp
-        if tp not in self._owned or tp in self._fenced:
+        if tp not in self._admitting:
             # Revoked (a fetch can still hand out what was buffered before
-            # the rebalance) or claimed by another worker: not ours to
-            # process or ack. Its commit could not be fenced.
+            # the rebalance), being assigned or revoked (see _loading), or
+            # claimed by another worker: not ours to process or ack now.
             return
         if tp in self._stopped:
             # Not processed, not acked: counted, and its error was logged at assignment.

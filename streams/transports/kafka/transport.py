@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
@@ -366,6 +367,13 @@ class KafkaTransport:
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset=start,
+            # Co-partitioning: a step's state and recent ids are kept per
+            # partition number, across its input topics (the responder joins
+            # two), so one worker must own partition p of all of them. The
+            # range assignor hands each member the same partition numbers of
+            # every topic (all have SLUICE_PARTITIONS); round robin (aiokafka's
+            # default) splits them as soon as members do not divide evenly.
+            partition_assignment_strategy=(RangePartitionAssignor,),
             **options,
         )
         try:
