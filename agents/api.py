@@ -23,8 +23,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 ProcessFn = Callable[[Event, Context], Awaitable[list[Output]]]
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
-from agents import topics
-from agents.api import Step
-from agents.keyed import data_as, duplicate, remember
-from agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
-from agents.tools import RetryableToolError, Tool, ToolContext, ToolError, builtin_tools
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
+from sluicegate.agents.tools import RetryableToolError, Tool, ToolContext, ToolError, builtin_tools
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 SEEN_KEY = "seen_actions"
 # Decisions that mean "run it"; anything else on actions.allowed is refused

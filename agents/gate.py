@@ -9,12 +9,12 @@ It uses the same step API and event types as the real gate:
 
 from __future__ import annotations
 
-from agents import topics
-from agents.api import Step
-from agents.keyed import data_as
-from agents.schemas import ACTION_ALLOWED, ACTION_PROPOSED, ActionAllowed, ActionProposed
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.keyed import data_as
+from sluicegate.agents.schemas import ACTION_ALLOWED, ACTION_PROPOSED, ActionAllowed, ActionProposed
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 POLICY_VERSION = "allow-all"
 

@@ -23,12 +23,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agents import topics
-from agents.api import Step
-from agents.keyed import data_as, duplicate, remember
-from agents.schemas import CONTEXT_PACKED, TASK_ACCEPTED, ContextPacked, HistoryTurn, TaskAccepted
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.schemas import (
+    CONTEXT_PACKED,
+    TASK_ACCEPTED,
+    ContextPacked,
+    HistoryTurn,
+    TaskAccepted,
+)
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 HISTORY_KEY = "history"
 SEEN_KEY = "seen_tasks"

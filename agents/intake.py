@@ -9,12 +9,12 @@ in keyed state here survive restarts and rebalances, per session.
 
 from __future__ import annotations
 
-from agents import topics
-from agents.api import Step
-from agents.keyed import data_as, duplicate, remember
-from agents.schemas import TASK_ACCEPTED, TASK_SUBMITTED, TaskAccepted, TaskSubmitted
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.schemas import TASK_ACCEPTED, TASK_SUBMITTED, TaskAccepted, TaskSubmitted
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 RECENT_IDS_KEY = "recent_ids"
 

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -2,7 +2,7 @@
 
 The planner uses it (``agents.openai_planner``), and so can a user's own step::
 
-    from agents.model_client import ModelCallError, ModelClient
+    from sluicegate.agents.model_client import ModelCallError, ModelClient
 
     client = ModelClient("https://api.example/v1", api_key=key, step="summarise")
 
@@ -55,8 +55,15 @@ from typing import Any
 
 import aiohttp
 
-from agents import model_metrics
-from agents.model_limits import Clock, LimitConfig, LimitRegistry, PerLoop, Sleep, shared_limits
+from sluicegate.agents import model_metrics
+from sluicegate.agents.model_limits import (
+    Clock,
+    LimitConfig,
+    LimitRegistry,
+    PerLoop,
+    Sleep,
+    shared_limits,
+)
 
 DEFAULT_TIMEOUT_S = 20.0
 DEFAULT_MAX_ATTEMPTS = 4

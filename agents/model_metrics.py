@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from streams import metrics
+from sluicegate.streams import metrics
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter, Histogram
 
-    from agents.model_client import CallReport
+    from sluicegate.agents.model_client import CallReport
 
 STEP = metrics.STEP
 TOKEN_TYPE = "gen_ai.token.type"

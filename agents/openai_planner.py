@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agents.model_client import (
+from sluicegate.agents.model_client import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
@@ -40,7 +40,7 @@ from agents.model_client import (
     ModelClient,
     endpoint,
 )
-from agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
+from sluicegate.agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from agents.executor import ToolsStep
-from agents.gate import AllowAllGate
-from agents.history import ContextStep
-from agents.intake import IntakeStep
-from agents.planner import Planner, PlannerStep
-from agents.responder import ResponderStep
-from agents.tools import Tool
-from streams.step import Processor
+from sluicegate.agents.executor import ToolsStep
+from sluicegate.agents.gate import AllowAllGate
+from sluicegate.agents.history import ContextStep
+from sluicegate.agents.intake import IntakeStep
+from sluicegate.agents.planner import Planner, PlannerStep
+from sluicegate.agents.responder import ResponderStep
+from sluicegate.agents.tools import Tool
+from sluicegate.streams.step import Processor
 
 # Builds the step between ``actions.proposed`` and ``actions.allowed``/``actions.denied``.
 # A ``Step`` subclass is a ``Processor`` as it is: the protocol's members are read-only.

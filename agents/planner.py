@@ -51,20 +51,20 @@ import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from agents import topics
-from agents.api import Step
-from agents.envvars import optional_positive_float, positive_float, positive_int
-from agents.keyed import data_as
-from agents.model_client import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, CallReport
-from agents.openai_planner import (
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.envvars import optional_positive_float, positive_float, positive_int
+from sluicegate.agents.keyed import data_as
+from sluicegate.agents.model_client import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, CallReport
+from sluicegate.agents.openai_planner import (
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     OpenAIPlanner,
     PlanOutcome,
     plan_failed,
 )
-from agents.rule_planner import RuleBasedPlanner
-from agents.schemas import (
+from sluicegate.agents.rule_planner import RuleBasedPlanner
+from sluicegate.agents.schemas import (
     ACTION_PROPOSED,
     CONTEXT_PACKED,
     MAX_ACTIONS,
@@ -74,8 +74,8 @@ from agents.schemas import (
     TaskAccepted,
     ToolCall,
 )
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 
 @runtime_checkable

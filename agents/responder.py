@@ -26,10 +26,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agents import topics
-from agents.api import Step
-from agents.keyed import data_as, duplicate, remember
-from agents.schemas import (
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.schemas import (
     ACTION_DENIED,
     TASK_COMPLETED,
     TOOL_RESULT,
@@ -40,8 +40,8 @@ from agents.schemas import (
     TaskCompleted,
     ToolResult,
 )
-from streams.envelope import Event
-from streams.step import Context, Output, StateKey, TickContext
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output, StateKey, TickContext
 
 PENDING_KEY = "pending"
 DONE_KEY = "done_tasks"

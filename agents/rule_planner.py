@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
+from sluicegate.agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
 
 _SPLIT = re.compile(r"\s*(?:;|\band\s+then\b)\s*", re.IGNORECASE)
 _SHELL = re.compile(r"^(?:please\s+)?(?:run\s+)?shell\s*:\s*(?P<cmd>.+)$", re.I | re.S)

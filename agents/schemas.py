@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from streams.codec import DataRegistry
+from sluicegate.streams.codec import DataRegistry
 
 TASK_SUBMITTED: Final = "task.submitted"
 TASK_ACCEPTED: Final = "task.accepted"

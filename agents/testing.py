@@ -24,12 +24,12 @@ from typing import Any
 
 import orjson
 
-from agents import topics
-from agents.schemas import TASK_COMPLETED
-from streams.checkpoint import MemoryCheckpointStore
-from streams.codec import DecodeError, decode, encode, headers_for
-from streams.envelope import Event
-from streams.runner import (
+from sluicegate.agents import topics
+from sluicegate.agents.schemas import TASK_COMPLETED
+from sluicegate.streams.checkpoint import MemoryCheckpointStore
+from sluicegate.streams.codec import DecodeError, decode, encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import (
     DLQ_TOPIC,
     H_DLQ_ERROR,
     H_DLQ_MESSAGE,
@@ -39,9 +39,9 @@ from streams.runner import (
     RunnerConfig,
     StepRunner,
 )
-from streams.step import AuditRecord, Context, Processor, ResultRecord, StateKey
-from streams.transport import Message, OutMessage
-from streams.transports.memory import MemoryTransport
+from sluicegate.streams.step import AuditRecord, Context, Processor, ResultRecord, StateKey
+from sluicegate.streams.transport import Message, OutMessage
+from sluicegate.streams.transports.memory import MemoryTransport
 
 
 def make_event(

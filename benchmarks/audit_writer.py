@@ -39,13 +39,13 @@ import psycopg
 from psycopg import sql
 from store_commit import Timer, copy_rows, make_batches, raw_copier
 
-from sinks import queries
-from sinks.audit import GENESIS_HASH, ChainHead, iter_links
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.store import PostgresCheckpointStore
-from streams.checkpoint import CommitBatch
-from streams.step import AuditRecord
+from sluicegate.sinks import queries
+from sluicegate.sinks.audit import GENESIS_HASH, ChainHead, iter_links
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.step import AuditRecord
 
 Conn = psycopg.AsyncConnection[Any]
 PROBE_SESSION = "probe-session"

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer
 
 from sluicegate.bench.endpoints import RawKafka
-from streams.codec import CONTENT_TYPE
-from streams.partitioning import partition_for
-from streams.transport import OutMessage
-from streams.transports.kafka import KafkaTransport
+from sluicegate.streams.codec import CONTENT_TYPE
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.transport import OutMessage
+from sluicegate.streams.transports.kafka import KafkaTransport
 
 PARTITIONS = 3
 SESSIONS = 100

@@ -30,8 +30,8 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType
 
 from sluicegate.bench.endpoints import create_raw_stream
-from streams.transport import OutMessage
-from streams.transports.nats import NatsTransport
+from sluicegate.streams.transport import OutMessage
+from sluicegate.streams.transports.nats import NatsTransport
 
 Result = tuple[float, float]  # msg/s, client CPU microseconds per message
 

@@ -38,14 +38,14 @@ from typing import Any
 import orjson
 import regorus
 
-from agents.gate import AllowAllGate
-from agents.schemas import ActionProposed
-from policy.bundle import default_bundle_path, load_bundle
-from policy.engine import DECISION_RULE, InterpreterEngine, Mode, compile_bundle
-from policy.evaluator import LoadedPolicy, Request
-from policy.gate import PolicyGate
-from streams.envelope import Event
-from streams.step import Context
+from sluicegate.agents.gate import AllowAllGate
+from sluicegate.agents.schemas import ActionProposed
+from sluicegate.policy.bundle import default_bundle_path, load_bundle
+from sluicegate.policy.engine import DECISION_RULE, InterpreterEngine, Mode, compile_bundle
+from sluicegate.policy.evaluator import LoadedPolicy, Request
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context
 
 WORDS = [
     "alpha",

@@ -23,13 +23,13 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sinks.migrate import migrate
-from sinks.store import PostgresCheckpointStore
 from sluicegate.bench.step_mode import _cleanup, publish_inputs
 from sluicegate.bench.step_work import INPUT_TOPIC, OUTPUT_TOPIC, BenchGateStep
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.runner import RunnerConfig, StepRunner
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.runner import RunnerConfig, StepRunner
 
 Phases = defaultdict[str, float]
 

@@ -33,13 +33,13 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, link
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.store import AUDIT_COPY_TYPES, JsonTextBinaryDumper, PostgresCheckpointStore
-from streams.checkpoint import CommitBatch
-from streams.step import AuditRecord, ResultRecord, StateKey
-from streams.transport import TopicPartition
+from sluicegate.sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, link
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import AUDIT_COPY_TYPES, JsonTextBinaryDumper, PostgresCheckpointStore
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
+from sluicegate.streams.transport import TopicPartition
 
 SESSIONS = 2000
 

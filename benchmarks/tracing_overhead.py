@@ -44,14 +44,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from pydantic import BaseModel
 
-from agents.api import Step
-from streams import metrics, tracing
-from streams.checkpoint import MemoryCheckpointStore
-from streams.envelope import Event
-from streams.publisher import Publisher
-from streams.runner import RunnerConfig, StepRunner
-from streams.step import Context, Output
-from streams.transports.memory import MemoryTransport
+from sluicegate.agents.api import Step
+from sluicegate.streams import metrics, tracing
+from sluicegate.streams.checkpoint import MemoryCheckpointStore
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.runner import RunnerConfig, StepRunner
+from sluicegate.streams.step import Context, Output
+from sluicegate.streams.transports.memory import MemoryTransport
 
 
 class Ping(BaseModel):

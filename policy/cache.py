@@ -15,7 +15,7 @@ import hashlib
 import re
 from typing import Final, Generic, TypeVar
 
-from policy.bundle import Bundle
+from sluicegate.policy.bundle import Bundle
 
 V = TypeVar("V")
 

@@ -34,7 +34,7 @@ import orjson
 import regorus
 from regorus import regorus as native
 
-from policy.bundle import Bundle
+from sluicegate.policy.bundle import Bundle
 
 log = logging.getLogger("sluicegate.policy")
 

@@ -23,11 +23,17 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from policy.bundle import Bundle, load_bundle
-from policy.cache import DecisionCache, cache_key, deterministic
-from policy.decision import Decision, MalformedDecision, apply_masks, parse_decision, policy_error
-from policy.engine import UNDEFINED, Compiler, PolicyEngine, compile_bundle
-from policy.features import InputBuilder, InputTooComplex
+from sluicegate.policy.bundle import Bundle, load_bundle
+from sluicegate.policy.cache import DecisionCache, cache_key, deterministic
+from sluicegate.policy.decision import (
+    Decision,
+    MalformedDecision,
+    apply_masks,
+    parse_decision,
+    policy_error,
+)
+from sluicegate.policy.engine import UNDEFINED, Compiler, PolicyEngine, compile_bundle
+from sluicegate.policy.features import InputBuilder, InputTooComplex
 
 DEFAULT_BUDGET_S: Final = 0.050
 # Wall-clock ceiling, as a multiple of the (CPU time) budget.

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from policy.bundle import Bundle, BundleError
+from sluicegate.policy.bundle import Bundle, BundleError
 
 # Every field the gate can provide, in the order documented in gate.rego.
 INPUT_FIELDS: Final = (

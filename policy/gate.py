@@ -36,12 +36,18 @@ from typing import Any, Final
 
 from pydantic import BaseModel
 
-from policy import ledger
-from policy.bundle import Signature, default_bundle_path, load_bundle, signature
-from policy.decision import Decision, policy_error
-from policy.engine import Compiler, compile_bundle
-from policy.evaluator import DEFAULT_BUDGET_S, DEFAULT_CACHE_SIZE, LoadedPolicy, Request, Verdict
-from policy.schemas import (
+from sluicegate.policy import ledger
+from sluicegate.policy.bundle import Signature, default_bundle_path, load_bundle, signature
+from sluicegate.policy.decision import Decision, policy_error
+from sluicegate.policy.engine import Compiler, compile_bundle
+from sluicegate.policy.evaluator import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_CACHE_SIZE,
+    LoadedPolicy,
+    Request,
+    Verdict,
+)
+from sluicegate.policy.schemas import (
     ACTION_ALLOWED,
     ACTION_DENIED,
     ACTION_PROPOSED,
@@ -50,8 +56,8 @@ from policy.schemas import (
     ACTIONS_PROPOSED,
     ProposedAction,
 )
-from streams.envelope import Event
-from streams.step import Context, Output
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context, Output
 
 log = logging.getLogger("sluicegate.policy")
 

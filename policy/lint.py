@@ -16,10 +16,10 @@ from typing import Final
 
 import regorus
 
-from policy.bundle import Bundle, BundleError, load_bundle
-from policy.engine import DECISION_RULE, PolicyCompileError, regorus_message
-from policy.evaluator import LoadedPolicy
-from policy.features import InputBuilder
+from sluicegate.policy.bundle import Bundle, BundleError, load_bundle
+from sluicegate.policy.engine import DECISION_RULE, PolicyCompileError, regorus_message
+from sluicegate.policy.evaluator import LoadedPolicy
+from sluicegate.policy.features import InputBuilder
 
 _INPUT_REF: Final = re.compile(r"\binput\.([A-Za-z_][A-Za-z0-9_]*)|\binput\[\s*\"([^\"]+)\"\s*\]")
 _PACKAGE: Final = re.compile(r"^package\s+([A-Za-z_][\w.]*)", re.MULTILINE)

@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 
-from policy.bundle import DATA_FILE, default_bundle_path
-from policy.schemas import ACTION_PROPOSED, ProposedAction
-from streams.envelope import Event
-from streams.step import Context
+from sluicegate.policy.bundle import DATA_FILE, default_bundle_path
+from sluicegate.policy.schemas import ACTION_PROPOSED, ProposedAction
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Context
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 

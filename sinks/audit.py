@@ -50,7 +50,7 @@ from typing import Any
 
 import orjson
 
-from streams.step import AuditRecord
+from sluicegate.streams.step import AuditRecord
 
 GENESIS_HASH = "0" * 64
 

@@ -21,14 +21,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from sinks.db import DEFAULT_SCHEMA, check_schema, connect
+from sluicegate.sinks.db import DEFAULT_SCHEMA, check_schema, connect
 
 # A data directory without __init__.py (pyproject ships it as package data of
 # ``sinks``). Read as the namespace package ``sinks.migrations`` rather than as
 # ``files("sinks") / "migrations"``: that also works when ``sinks`` itself is
 # imported as a namespace package, as an editable install made before the
 # package had an __init__.py does.
-MIGRATIONS_PACKAGE = "sinks.migrations"
+MIGRATIONS_PACKAGE = "sluicegate.sinks.migrations"
 
 
 class MigrationError(RuntimeError):

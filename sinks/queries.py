@@ -53,7 +53,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, dict_row
 
-from sinks.audit import ChainBreak, ChainVerifier, StoredHead
+from sluicegate.sinks.audit import ChainBreak, ChainVerifier, StoredHead
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -36,11 +36,17 @@ import psycopg
 from psycopg import postgres, pq
 from psycopg.adapt import Dumper
 
-from sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
-from sinks.db import DEFAULT_SCHEMA, check_schema, connect
-from streams.checkpoint import INPUT_KINDS, CommitBatch, Progress, StaleBatchError, stale_epoch
-from streams.step import ResultRecord, StateKey
-from streams.transport import TopicPartition
+from sluicegate.sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
+from sluicegate.sinks.db import DEFAULT_SCHEMA, check_schema, connect
+from sluicegate.streams.checkpoint import (
+    INPUT_KINDS,
+    CommitBatch,
+    Progress,
+    StaleBatchError,
+    stale_epoch,
+)
+from sluicegate.streams.step import ResultRecord, StateKey
+from sluicegate.streams.transport import TopicPartition
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -23,12 +23,12 @@ import orjson
 import psycopg
 from psycopg import errors
 
-from sinks import queries
-from sinks.audit import ChainBreak
-from sinks.db import check_schema, connect
-from sinks.queries import AUDIT_KINDS, AuditRow, VerifyReport
 from sluicegate.cli import load_settings
 from sluicegate.cli_db import _redacted
+from sluicegate.sinks import queries
+from sluicegate.sinks.audit import ChainBreak
+from sluicegate.sinks.db import check_schema, connect
+from sluicegate.sinks.queries import AUDIT_KINDS, AuditRow, VerifyReport
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

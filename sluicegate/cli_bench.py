@@ -81,7 +81,7 @@ async def _step_mode(
         faust_timeout_s=options.faust_timeout_s,
         progress=progress,
     )
-    from streams.runner import RunnerConfig
+    from sluicegate.streams.runner import RunnerConfig
 
     config = RunnerConfig()
     extra = {"runner_batch_size": config.batch_size, "fetch_timeout_s": config.fetch_timeout_s}
@@ -417,7 +417,7 @@ def _run(
     import psycopg
     from tqdm import tqdm
 
-    from streams.transport import TransportError
+    from sluicegate.streams.transport import TransportError
 
     # Only on a terminal: piped or captured output gets the table alone.
     with tqdm(

@@ -11,9 +11,9 @@ import asyncio
 import click
 import psycopg
 
-from sinks.db import check_schema
-from sinks.migrate import MigrationError, migrate
 from sluicegate.cli import load_settings
+from sluicegate.sinks.db import check_schema
+from sluicegate.sinks.migrate import MigrationError, migrate
 
 
 @click.group()

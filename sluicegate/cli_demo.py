@@ -47,7 +47,7 @@ def demo(transport: str | None, timeout: float) -> None:
         # still show one task's trace and how many hops it has.
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-        from streams import tracing
+        from sluicegate.streams import tracing
 
         spans = InMemorySpanExporter()
         tracing.configure(exporter=spans, batch=False)

@@ -22,8 +22,6 @@ from typing import Any
 import click
 import orjson
 
-from sinks.db import connect
-from sinks.progress import OffsetChange, StoredOffset, reset_offsets
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.cli_status import (
     check_partition,
@@ -37,6 +35,8 @@ from sluicegate.cli_status import (
 )
 from sluicegate.progress_view import PartitionState, ProgressView, StepInputs, gather
 from sluicegate.settings import Settings
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.progress import OffsetChange, StoredOffset, reset_offsets
 
 
 @click.group()

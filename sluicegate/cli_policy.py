@@ -14,12 +14,12 @@ import click
 import orjson
 from pydantic import ValidationError
 
-from policy import lint
-from policy.bundle import BundleError, default_bundle_path
-from policy.decision import Decision
-from policy.engine import PolicyCompileError
-from policy.evaluator import LoadedPolicy, Request
-from policy.schemas import ACTION_PROPOSED, ProposedAction
+from sluicegate.policy import lint
+from sluicegate.policy.bundle import BundleError, default_bundle_path
+from sluicegate.policy.decision import Decision
+from sluicegate.policy.engine import PolicyCompileError
+from sluicegate.policy.evaluator import LoadedPolicy, Request
+from sluicegate.policy.schemas import ACTION_PROPOSED, ProposedAction
 
 _BUNDLE = click.argument(
     "bundle",

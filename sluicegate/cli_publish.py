@@ -35,7 +35,7 @@ from sluicegate.publishing import (
 from sluicegate.runtime import configure_telemetry, make_transport
 from sluicegate.samples import generate
 from sluicegate.settings import Settings
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
 

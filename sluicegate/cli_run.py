@@ -17,7 +17,7 @@ from sluicegate.runtime import (
     run_steps,
     stop_on_signals,
 )
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 
 @click.command("run")

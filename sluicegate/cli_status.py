@@ -33,7 +33,7 @@ from sluicegate.progress_view import (
     quiet_libraries,
 )
 from sluicegate.settings import Settings
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 T = TypeVar("T")
 

@@ -24,8 +24,8 @@ from sluicegate.cli import load_settings, transport_option
 from sluicegate.pipeline import TOPICS
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
+from sluicegate.streams.transport import TransportError
 from sluicegate.tailing import Filter, Seen, follow, renderer
-from streams.transport import TransportError
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 

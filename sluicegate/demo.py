@@ -18,17 +18,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.queries import StoredResult, fetch_results, verify_chains
 from sluicegate import localstack
 from sluicegate.pipeline import TOPICS, build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.samples import DEMO, MALFORMED
 from sluicegate.settings import Settings, TransportName
-from streams.envelope import Event
-from streams.publisher import Publisher
-from streams.transport import OutMessage
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.queries import StoredResult, fetch_results, verify_chains
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.transport import OutMessage
 
 Say = Callable[[str], None]
 

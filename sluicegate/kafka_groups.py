@@ -31,7 +31,7 @@ from aiokafka.protocol.admin import (
 )
 from aiokafka.protocol.api import Request
 
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 _GROUP_COORDINATOR = 0  # FindCoordinator's key type for consumer groups
 # Group states with no member holding anything.

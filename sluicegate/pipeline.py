@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from agents import topics
-from agents.pipeline import reference_steps
-from agents.planner import make_planner
-from agents.schemas import TASK_SUBMITTED, TaskSubmitted
-from agents.tools.latency import tools_from_env
-from policy.gate import PolicyGate
-from streams.codec import DataRegistry
-from streams.step import Processor
+from sluicegate.agents import topics
+from sluicegate.agents.pipeline import reference_steps
+from sluicegate.agents.planner import make_planner
+from sluicegate.agents.schemas import TASK_SUBMITTED, TaskSubmitted
+from sluicegate.agents.tools.latency import tools_from_env
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.streams.codec import DataRegistry
+from sluicegate.streams.step import Processor
 
 TOPICS: tuple[str, ...] = topics.ALL
 

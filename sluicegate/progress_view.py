@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sinks.db import connect
-from sinks.progress import LogKind, StoredOffset, classify, step_offsets
 from sluicegate.kafka_groups import GroupView, describe_groups
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.transport import TopicPartition, Transport
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.progress import LogKind, StoredOffset, classify, step_offsets
+from sluicegate.streams.transport import TopicPartition, Transport
 
 log = logging.getLogger("sluicegate.status")
 
@@ -52,7 +52,7 @@ _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 def group_token(step: str) -> str:
     """The step's group as it appears in NATS ownership keys (``key_token``)."""
     try:
-        from streams.transports.nats.names import key_token
+        from sluicegate.streams.transports.nats.names import key_token
     except ImportError:  # a NATS transport from before ownership by leases
         return _TOKEN_UNSAFE.sub("_", step) or "_"
     return key_token(step)
@@ -204,7 +204,7 @@ def quiet_libraries() -> Iterator[None]:
 
     Failures reach the user once, as the command's one-line error.
     """
-    names = ("aiokafka", "nats", "kafka", "streams.transports")
+    names = ("aiokafka", "nats", "kafka", "sluicegate.streams.transports")
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -26,18 +26,18 @@ from typing import Any
 
 import orjson
 
-from agents.schemas import TASK_SUBMITTED
-from agents.topics import TASKS
+from sluicegate.agents.schemas import TASK_SUBMITTED
+from sluicegate.agents.topics import TASKS
 from sluicegate.pipeline import task_registry
-from streams.codec import (
+from sluicegate.streams.codec import (
     DEFAULT_MAX_BYTES,
     REASON_INVALID_JSON,
     REASON_INVALID_UTF8,
     REASON_TOO_LARGE,
     DecodeError,
 )
-from streams.publisher import Publisher
-from streams.transport import OutMessage, Transport
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.transport import OutMessage, Transport
 
 DEFAULT_BATCH = 500
 READ_CHUNK = 64 * 1024

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluicegate.settings import Settings, TransportName
-from streams.checkpoint import CheckpointStore
-from streams.partitioning import owned_partitions
-from streams.runner import RunnerConfig, StepRunner
-from streams.step import Processor
-from streams.transport import Transport
+from sluicegate.streams.checkpoint import CheckpointStore
+from sluicegate.streams.partitioning import owned_partitions
+from sluicegate.streams.runner import RunnerConfig, StepRunner
+from sluicegate.streams.step import Processor
+from sluicegate.streams.transport import Transport
 
 log = logging.getLogger("sluicegate")
 
@@ -31,14 +31,14 @@ def make_transport(settings: Settings, kind: TransportName | None = None) -> Tra
     """An unconnected transport of ``kind`` (default: the configured one)."""
     kind = kind or settings.transport
     if kind == "nats":
-        from streams.transports.nats import NatsTransport
+        from sluicegate.streams.transports.nats import NatsTransport
 
         return NatsTransport(
             settings.resolved_nats_url(),
             prefix=settings.topic_prefix,
             partitions=settings.partitions,
         )
-    from streams.transports.kafka import KafkaTransport
+    from sluicegate.streams.transports.kafka import KafkaTransport
 
     return KafkaTransport(
         settings.resolved_kafka_bootstrap(),
@@ -48,7 +48,7 @@ def make_transport(settings: Settings, kind: TransportName | None = None) -> Tra
 
 
 async def open_store(settings: Settings) -> CheckpointStore:
-    from sinks.store import PostgresCheckpointStore
+    from sluicegate.sinks.store import PostgresCheckpointStore
 
     return await PostgresCheckpointStore.connect(
         settings.resolved_database_url(), schema=settings.db_schema
@@ -65,7 +65,7 @@ async def require_migrated(settings: Settings) -> None:
     Workers do not migrate themselves: they may run under a role that can only
     write rows (see README, "Audit trail").
     """
-    from sinks.migrate import pending
+    from sluicegate.sinks.migrate import pending
 
     missing = await pending(settings.resolved_database_url(), schema=settings.db_schema)
     if missing:
@@ -141,7 +141,7 @@ async def run_steps(
 async def _close_model_sessions() -> None:
     """Close the pooled HTTP session of model clients, if any step made one."""
     # Looked up, not imported: a pipeline without model calls never loads aiohttp.
-    model_client = sys.modules.get("agents.model_client")
+    model_client = sys.modules.get("sluicegate.agents.model_client")
     if model_client is not None:
         await model_client.aclose_shared()
 
@@ -157,7 +157,7 @@ class Telemetry:
     _server: Any = None
 
     def shutdown(self) -> None:
-        from streams import metrics, tracing
+        from sluicegate.streams import metrics, tracing
 
         if self.tracing:
             tracing.shutdown()
@@ -184,7 +184,7 @@ def configure_telemetry(
     spans and metrics that steps record through the OpenTelemetry API go the
     same way.
     """
-    from streams import metrics, tracing
+    from sluicegate.streams import metrics, tracing
 
     telemetry = Telemetry()
     endpoint = settings.otlp_endpoint

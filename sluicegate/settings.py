@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.runner import DEFAULT_MAX_IN_FLIGHT, RunnerConfig
+from sluicegate.streams.runner import DEFAULT_MAX_IN_FLIGHT, RunnerConfig
 
 TransportName = Literal["nats", "kafka"]
 

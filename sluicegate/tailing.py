@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from streams.codec import H_TYPE
-from streams.runner import (
+from sluicegate.streams.codec import H_TYPE
+from sluicegate.streams.runner import (
     DLQ_TOPIC,
     H_DLQ_ERROR,
     H_DLQ_MESSAGE,
@@ -31,7 +31,7 @@ from streams.runner import (
     H_DLQ_SOURCE,
     H_DLQ_STEP,
 )
-from streams.transport import Message, Subscription
+from sluicegate.streams.transport import Message, Subscription
 
 # Dead-letter headers under short names, for --json and the readable line.
 DLQ_FIELDS: tuple[tuple[str, str], ...] = (

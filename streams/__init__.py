@@ -2,9 +2,22 @@
 Kafka and in-memory implementations, partitioning, the step runner, keyed
 state and trace propagation. Imports nothing else of sluicegate's."""
 
-from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
-from streams.envelope import Event
-from streams.transport import Message, OutMessage, Subscription, TopicPartition, Transport
+from sluicegate.streams.codec import (
+    DataRegistry,
+    DecodeError,
+    EncodeError,
+    decode,
+    encode,
+    headers_for,
+)
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.transport import (
+    Message,
+    OutMessage,
+    Subscription,
+    TopicPartition,
+    Transport,
+)
 
 __all__ = [
     "DataRegistry",

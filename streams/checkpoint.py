@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from streams.step import AuditRecord, ResultRecord, StateKey
-from streams.transport import TopicPartition
+from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
+from sluicegate.streams.transport import TopicPartition
 
 # Audit kinds written once per input event (the runner's dedupe record).
 INPUT_KINDS = ("processed", "dead_letter")

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 
 CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_MAX_BYTES = 1024 * 1024

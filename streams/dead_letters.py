@@ -9,10 +9,10 @@ deduped.
 
 from __future__ import annotations
 
-from streams.codec import DecodeError
-from streams.envelope import Event
-from streams.step import AuditRecord, trace_id_of
-from streams.transport import Message, OutMessage
+from sluicegate.streams.codec import DecodeError
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import AuditRecord, trace_id_of
+from sluicegate.streams.transport import Message, OutMessage
 
 DLQ_TOPIC = "dlq"
 H_DLQ_REASON = "sluice-dlq-reason"

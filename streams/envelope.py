@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streams.ids import derived_id, new_id
+from sluicegate.streams.ids import derived_id, new_id
 
 SPECVERSION: Literal["1.0"] = "1.0"
 DATACONTENTTYPE: Literal["application/json"] = "application/json"

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from streams.checkpoint import CommitBatch
-from streams.transport import Message, OutMessage, TopicPartition
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.transport import Message, OutMessage, TopicPartition
 
 
 class Slot:

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader
 
-    from streams.step import AuditRecord
-    from streams.transport import Message
+    from sluicegate.streams.step import AuditRecord
+    from sluicegate.streams.transport import Message
 
 STEP = "sluice.step"
 DECISION = "sluice.policy.decision"
@@ -190,7 +190,7 @@ def configure(
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        from streams.tracing import otlp_url
+        from sluicegate.streams.tracing import otlp_url
 
         all_readers.append(
             PeriodicExportingMetricReader(
@@ -322,10 +322,10 @@ def lag_probe(subscription: object) -> LagProbe | None:
     if callable(own):
         probe: LagProbe = own
         return probe
-    kafka = sys.modules.get("streams.transports.kafka")
+    kafka = sys.modules.get("sluicegate.streams.transports.kafka")
     if kafka is not None and isinstance(subscription, kafka.KafkaSubscription):
         return _kafka_probe(subscription)
-    nats = sys.modules.get("streams.transports.nats")
+    nats = sys.modules.get("sluicegate.streams.transports.nats")
     if nats is not None and isinstance(subscription, nats.NatsSubscription):
         return nats_pending
     return None

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from streams import tracing
-from streams.codec import (
+from sluicegate.streams import tracing
+from sluicegate.streams.codec import (
     DEFAULT_MAX_BYTES,
     REASON_TOO_LARGE,
     DataRegistry,
@@ -35,9 +35,9 @@ from streams.codec import (
     from_mapping,
     headers_for,
 )
-from streams.envelope import Event
-from streams.ids import new_id
-from streams.transport import OutMessage, Transport
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.ids import new_id
+from sluicegate.streams.transport import OutMessage, Transport
 
 # Called with each event just before it is encoded; returns the event to send
 # (tracing uses it to start a trace and stamp ``traceparent``). Without one,

@@ -56,10 +56,17 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from streams import metrics, tracing
-from streams.checkpoint import CheckpointStore, CommitBatch, Progress, StaleBatchError
-from streams.codec import DataRegistry, DecodeError, EncodeError, decode, encode, headers_for
-from streams.dead_letters import (
+from sluicegate.streams import metrics, tracing
+from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, Progress, StaleBatchError
+from sluicegate.streams.codec import (
+    DataRegistry,
+    DecodeError,
+    EncodeError,
+    decode,
+    encode,
+    headers_for,
+)
+from sluicegate.streams.dead_letters import (
     DLQ_TOPIC,
     H_DLQ_ERROR,
     H_DLQ_MESSAGE,
@@ -68,11 +75,19 @@ from streams.dead_letters import (
     H_DLQ_STEP,
     dead_letter,
 )
-from streams.envelope import Event
-from streams.inflight import Pending, Slot, Watermarks
-from streams.partitioning import partition_for
-from streams.step import AuditRecord, Context, Output, Processor, StateKey, TickContext, trace_id_of
-from streams.transport import (
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.inflight import Pending, Slot, Watermarks
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.step import (
+    AuditRecord,
+    Context,
+    Output,
+    Processor,
+    StateKey,
+    TickContext,
+    trace_id_of,
+)
+from sluicegate.streams.transport import (
     Message,
     OutMessage,
     Subscription,

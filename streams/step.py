@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 
 JSON = dict[str, Any]
 
@@ -224,7 +224,7 @@ class TickContext:
         causation: Event | None = None,
         traceparent: str | None = None,
     ) -> Output:
-        from streams.ids import derived_id
+        from sluicegate.streams.ids import derived_id
 
         event = Event(
             id=derived_id(seed, f"{self.step}.tick", 0),

@@ -64,16 +64,16 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace import Tracer as Tracer  # re-exported: the runner's type
 
-from streams.codec import DecodeError
-from streams.envelope import Event
+from sluicegate.streams.codec import DecodeError
+from sluicegate.streams.envelope import Event
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.sampling import Sampler
 
-    from streams.step import AuditRecord
-    from streams.transport import Message
+    from sluicegate.streams.step import AuditRecord
+    from sluicegate.streams.transport import Message
 
 # --- attribute names ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from streams.partitioning import partition_for
+from sluicegate.streams.partitioning import partition_for
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -128,15 +128,15 @@ async def make_transport(
     async def factory(kind: str, *, partitions: int = 3, prefix_: str | None = None) -> object:
         p = prefix_ or prefix
         if kind == "memory":
-            from streams.transports.memory import MemoryTransport
+            from sluicegate.streams.transports.memory import MemoryTransport
 
             t: object = MemoryTransport(prefix=p, partitions=partitions)
         elif kind == "nats":
-            from streams.transports.nats import NatsTransport
+            from sluicegate.streams.transports.nats import NatsTransport
 
             t = NatsTransport(request.getfixturevalue("nats_url"), prefix=p, partitions=partitions)
         elif kind == "kafka":
-            from streams.transports.kafka import KafkaTransport
+            from sluicegate.streams.transports.kafka import KafkaTransport
 
             t = KafkaTransport(
                 request.getfixturevalue("kafka_bootstrap"), prefix=p, partitions=partitions
@@ -155,7 +155,7 @@ async def make_transport(
 @pytest.fixture
 def metric_reader() -> Iterator[InMemoryMetricReader]:
     """Metrics of ``streams.metrics`` collected in memory for one test."""
-    from streams import metrics
+    from sluicegate.streams import metrics
 
     reader = InMemoryMetricReader()
     metrics.configure(readers=[reader])

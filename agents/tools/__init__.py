@@ -7,8 +7,8 @@ so an application can add its own.
 
 from __future__ import annotations
 
-from agents.tools import calculator, clock, echo, search
-from agents.tools.base import JSON, RetryableToolError, Tool, ToolContext, ToolError
+from sluicegate.agents.tools import calculator, clock, echo, search
+from sluicegate.agents.tools.base import JSON, RetryableToolError, Tool, ToolContext, ToolError
 
 
 def builtin_tools() -> dict[str, Tool]:

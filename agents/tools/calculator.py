@@ -16,7 +16,7 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agents.tools.base import JSON, ToolContext, ToolError, string_arg
+from sluicegate.agents.tools.base import JSON, ToolContext, ToolError, string_arg
 
 MAX_EXPRESSION_CHARS = 200
 MAX_NODES = 120

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
 
-from agents.tools.base import JSON, ToolContext
+from sluicegate.agents.tools.base import JSON, ToolContext
 
 
 async def run(args: Mapping[str, Any], ctx: ToolContext) -> JSON:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agents.tools.base import JSON, ToolContext, string_arg
+from sluicegate.agents.tools.base import JSON, ToolContext, string_arg
 
 MAX_TEXT_CHARS = 8000
 

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agents.tools import builtin_tools
-from agents.tools.base import JSON, Tool, ToolContext
+from sluicegate.agents.tools import builtin_tools
+from sluicegate.agents.tools.base import JSON, Tool, ToolContext
 
 LATENCY_ENV = "SLUICE_TOOL_LATENCY_MS"
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agents.tools.base import JSON, ToolContext, ToolError, string_arg
+from sluicegate.agents.tools.base import JSON, ToolContext, ToolError, string_arg
 
 CORPUS = "data/corpus.json"
 MAX_QUERY_CHARS = 500
@@ -57,7 +57,7 @@ class Document:
 
 def _corpus_text() -> str:
     try:
-        return resources.files("agents").joinpath(CORPUS).read_text("utf-8")
+        return resources.files("sluicegate.agents").joinpath(CORPUS).read_text("utf-8")
     except NotADirectoryError:
         # An editable install made while ``agents`` had no ``__init__`` presents
         # it as a namespace package, whose placeholder path entry

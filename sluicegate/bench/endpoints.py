@@ -34,9 +34,9 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from streams.partitioning import partition_for
-from streams.transport import OutMessage, Subscription, Transport
-from streams.transports.kafka import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.transport import OutMessage, Subscription, Transport
+from sluicegate.streams.transports.kafka import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
 
 log = logging.getLogger("sluicegate.bench")
 

@@ -28,10 +28,10 @@ from sluicegate.bench.step_mode import (
 from sluicegate.bench.step_work import OUTPUT_TYPE, BenchGateStep, decide
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.envelope import Event
-from streams.runner import RunnerConfig
-from streams.step import Context, Output
-from streams.transport import TransportError
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import RunnerConfig
+from sluicegate.streams.step import Context, Output
+from sluicegate.streams.transport import TransportError
 
 OUTPUT_TOPIC = "faust_engine_out"
 

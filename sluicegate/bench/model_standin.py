@@ -66,8 +66,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agents.rule_planner import plan_request, requests
-from agents.schemas import MAX_ACTIONS, ToolCall
+from sluicegate.agents.rule_planner import plan_request, requests
+from sluicegate.agents.schemas import MAX_ACTIONS, ToolCall
 from sluicegate.bench.latency import LatencyRecorder
 
 DEFAULT_SIGMA = 0.5

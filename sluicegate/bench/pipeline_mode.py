@@ -79,14 +79,10 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
-from agents.openai_planner import DEFAULT_TIMEOUT_S as PLANNER_TIMEOUT_S
-from agents.pipeline import reference_steps
-from agents.planner import make_planner
-from agents.topics import RESULTS
-from policy.gate import PolicyGate
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.queries import count_results
+from sluicegate.agents.openai_planner import DEFAULT_TIMEOUT_S as PLANNER_TIMEOUT_S
+from sluicegate.agents.pipeline import reference_steps
+from sluicegate.agents.planner import make_planner
+from sluicegate.agents.topics import RESULTS
 from sluicegate.bench.endpoints import delete_kafka_prefix, delete_nats_streams
 from sluicegate.bench.latency import CURVE_PERCENTILES, LatencyRecorder, Percentiles
 from sluicegate.bench.model_standin import (
@@ -98,12 +94,16 @@ from sluicegate.bench.model_standin import (
 )
 from sluicegate.bench.rss import RssSampler, RssSeries
 from sluicegate.pipeline import TOPICS, build_steps, task_registry
+from sluicegate.policy.gate import PolicyGate
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.samples import generate
 from sluicegate.settings import Settings, TransportName
-from streams.publisher import Publisher
-from streams.runner import StepRunner
-from streams.transport import Message, Subscription
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.queries import count_results
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.runner import StepRunner
+from sluicegate.streams.transport import Message, Subscription
 
 Progress = Callable[[int], object]
 WorkerKind = Literal["subprocess", "in-process"]

@@ -37,17 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.store import PostgresCheckpointStore
 from sluicegate.bench.endpoints import delete_kafka_prefix, delete_nats_streams
 from sluicegate.bench.latency import warmup_count
 from sluicegate.bench.step_work import INPUT_TOPIC, OUTPUT_TOPIC, BenchGateStep, input_events
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings, TransportName
-from streams.codec import encode, headers_for
-from streams.runner import RunnerConfig, StepRunner
-from streams.transport import OutMessage, Subscription, Transport
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.runner import RunnerConfig, StepRunner
+from sluicegate.streams.transport import OutMessage, Subscription, Transport
 
 Progress = Callable[[int], object]
 

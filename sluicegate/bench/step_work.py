@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from agents.api import Step
-from streams.envelope import Event
-from streams.ids import derived_id
-from streams.step import Context, Output
+from sluicegate.agents.api import Step
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.ids import derived_id
+from sluicegate.streams.step import Context, Output
 
 STEP_NAME = "bench_gate"
 INPUT_TOPIC = "input"

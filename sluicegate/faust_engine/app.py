@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import faust
 
-from streams.transport import TopicPartition
+from sluicegate.streams.transport import TopicPartition
 
 # Faust's settings, besides the broker, id, datadir and partition count.
 FAUST_SETTINGS: Final[Mapping[str, Any]] = {

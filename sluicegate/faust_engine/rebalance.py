@@ -35,7 +35,7 @@ from faust.types import TP
 from sluicegate.faust_engine.app import KafkaNames
 from sluicegate.faust_engine.state import SessionTable
 from sluicegate.faust_engine.subscription import FaustSubscription
-from streams.transport import TopicPartition
+from sluicegate.streams.transport import TopicPartition
 
 log = logging.getLogger("sluicegate.faust")
 

@@ -33,11 +33,11 @@ from sluicegate.faust_engine.state import MirroredStore, SessionTable
 from sluicegate.faust_engine.transport import FaustTransport
 from sluicegate.runtime import open_store, require_migrated
 from sluicegate.settings import Settings
-from streams.checkpoint import CheckpointStore
-from streams.runner import DLQ_TOPIC, RunnerConfig, StepRunner
-from streams.step import Processor
-from streams.transport import TransportError
-from streams.transports.kafka import KafkaTransport
+from sluicegate.streams.checkpoint import CheckpointStore
+from sluicegate.streams.runner import DLQ_TOPIC, RunnerConfig, StepRunner
+from sluicegate.streams.step import Processor
+from sluicegate.streams.transport import TransportError
+from sluicegate.streams.transports.kafka import KafkaTransport
 
 log = logging.getLogger("sluicegate.faust")
 

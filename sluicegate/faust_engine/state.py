@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streams.checkpoint import CheckpointStore, CommitBatch, Progress
-from streams.partitioning import partition_for
-from streams.step import StateKey
-from streams.transport import TopicPartition
+from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, Progress
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.step import StateKey
+from sluicegate.streams.transport import TopicPartition
 
 TableKey = tuple[str, str]
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streams.transport import Message, PartitionsCallback, TopicPartition, TransportError
+from sluicegate.streams.transport import Message, PartitionsCallback, TopicPartition, TransportError
 
 log = logging.getLogger("sluicegate.faust")
 

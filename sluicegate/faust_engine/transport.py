@@ -27,7 +27,7 @@ from faust.types import TP
 
 from sluicegate.faust_engine.app import KafkaNames
 from sluicegate.faust_engine.subscription import FaustSubscription
-from streams.transport import (
+from sluicegate.streams.transport import (
     Message,
     OutMessage,
     PartitionsCallback,
@@ -36,7 +36,7 @@ from streams.transport import (
     TransportError,
     target_partition,
 )
-from streams.transports.kafka import KafkaTransport
+from sluicegate.streams.transports.kafka import KafkaTransport
 
 
 class FaustTransport:

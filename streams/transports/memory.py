@@ -12,8 +12,8 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 
-from streams.partitioning import partition_for
-from streams.transport import (
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.transport import (
     Message,
     OutMessage,
     PartitionsCallback,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sluicegate.settings import Settings
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 from tests.integration.pipeline_support import (
     all_results,
     env_for,

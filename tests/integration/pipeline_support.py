@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.queries import StoredResult, count_results, fetch_results
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.settings import Settings, TransportName
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.transport import OutMessage
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.queries import StoredResult, count_results, fetch_results
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.transport import OutMessage
 from tests.services import new_prefix
 
 

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sinks.migrate import migrate
-from sinks.store import PostgresCheckpointStore
 from sluicegate.cli import main
-from streams.checkpoint import CommitBatch
-from streams.step import AuditRecord
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.step import AuditRecord
 
 pytestmark = pytest.mark.integration
 

@@ -20,15 +20,15 @@ import pytest
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
-from sinks import queries
-from sinks.audit import GENESIS_HASH, chain_hash
-from sinks.db import connect
-from sinks.migrate import available_migrations, migrate, pending
-from sinks.store import PostgresCheckpointStore
 from sluicegate.cli import main
-from streams.checkpoint import CommitBatch
-from streams.step import AuditRecord
-from streams.transport import TopicPartition
+from sluicegate.sinks import queries
+from sluicegate.sinks.audit import GENESIS_HASH, chain_hash
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import available_migrations, migrate, pending
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.step import AuditRecord
+from sluicegate.streams.transport import TopicPartition
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ import pytest
 from sluicegate.cli import main
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.transport import Message, Subscription
+from sluicegate.streams.transport import Message, Subscription
 from tests.integration.pipeline_support import env_for, settings_for
 
 pytestmark = pytest.mark.integration
@@ -238,7 +238,7 @@ def test_with_tracing_on_each_published_event_starts_its_trace(cli_settings: Set
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from streams import tracing
+    from sluicegate.streams import tracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -22,8 +22,8 @@ import pytest
 
 from sluicegate.cli import main
 from sluicegate.pipeline import build_steps
-from streams.envelope import Event
-from streams.partitioning import partition_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.partitioning import partition_for
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

@@ -17,10 +17,10 @@ import pytest
 from sluicegate.cli import main
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.runner import H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP
-from streams.transport import OutMessage, TopicPartition
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP
+from sluicegate.streams.transport import OutMessage, TopicPartition
 from tests.integration import test_cli_publish
 from tests.integration.test_cli_publish import KINDS, drain, subprocess_env
 

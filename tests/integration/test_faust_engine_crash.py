@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agents import topics
+from sluicegate.agents import topics
 from sluicegate.faust_engine import run_faust_steps
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport

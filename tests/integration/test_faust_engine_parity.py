@@ -36,17 +36,17 @@ from typing import Any
 import orjson
 import pytest
 
-from agents.responder import DONE_KEY
 from sluicegate import samples
+from sluicegate.agents.responder import DONE_KEY
 from sluicegate.faust_engine import run_faust_steps
 from sluicegate.faust_engine.state import MirroredStore
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.settings import Settings
-from streams.envelope import Event
-from streams.runner import H_DLQ_SOURCE, StepRunner
-from streams.transport import Message
-from streams.transports.kafka import KafkaTransport
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import H_DLQ_SOURCE, StepRunner
+from sluicegate.streams.transport import Message
+from sluicegate.streams.transports.kafka import KafkaTransport
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

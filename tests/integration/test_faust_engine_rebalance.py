@@ -24,9 +24,9 @@ import pytest
 
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.transport import OutMessage
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.transport import OutMessage
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

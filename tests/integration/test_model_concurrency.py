@@ -17,7 +17,7 @@ from aiohttp import web
 
 from sluicegate.bench.model_standin import ModelStandin, RequestRecord, key_order_violations
 from sluicegate.settings import Settings
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 from tests.integration.pipeline_support import (
     drop_schema,
     prepare_database,

@@ -22,10 +22,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from streams.transport import Message, OutMessage, TopicPartition, TransportError
-from streams.transports.nats import NatsSubscription, NatsTransport
-from streams.transports.nats.leases import rendezvous_owner
-from streams.transports.nats.names import key_token, owners_bucket, stream_name
+from sluicegate.streams.transport import Message, OutMessage, TopicPartition, TransportError
+from sluicegate.streams.transports.nats import NatsSubscription, NatsTransport
+from sluicegate.streams.transports.nats.leases import rendezvous_owner
+from sluicegate.streams.transports.nats.names import key_token, owners_bucket, stream_name
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 
 from sluicegate.pipeline import TOPICS
 from sluicegate.runtime import make_transport
-from streams.transport import TopicPartition
+from sluicegate.streams.transport import TopicPartition
 from tests.integration.pipeline_support import (
     drop_schema,
     env_for,

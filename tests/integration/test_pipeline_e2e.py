@@ -10,9 +10,9 @@ import pytest
 
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport, run_steps
-from streams.envelope import Event
-from streams.runner import H_DLQ_REASON, RunnerConfig
-from streams.transport import Message
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import H_DLQ_REASON, RunnerConfig
+from sluicegate.streams.transport import Message
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

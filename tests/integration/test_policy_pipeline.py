@@ -14,7 +14,7 @@ import pytest
 
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import run_steps
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

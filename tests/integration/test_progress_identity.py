@@ -16,7 +16,7 @@ import pytest
 from sluicegate.pipeline import TOPICS
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 from tests.integration.pipeline_support import (
     calculator_task,
     drop_schema,

@@ -22,9 +22,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sinks import queries
-from sinks.db import connect
 from sluicegate.settings import Settings
+from sluicegate.sinks import queries
+from sluicegate.sinks.db import connect
 from tests.integration.crash_support import spawn_worker
 from tests.integration.pipeline_support import (
     all_results,

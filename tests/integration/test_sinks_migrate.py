@@ -12,11 +12,11 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from sinks.db import connect
-from sinks.migrate import MigrationError, available_migrations, migrate
-from sinks.store import PostgresCheckpointStore
-from streams.checkpoint import CommitBatch
-from streams.step import AuditRecord
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import MigrationError, available_migrations, migrate
+from sluicegate.sinks.store import PostgresCheckpointStore
+from sluicegate.streams.checkpoint import CommitBatch
+from sluicegate.streams.step import AuditRecord
 
 pytestmark = pytest.mark.integration
 

@@ -14,14 +14,14 @@ import pytest
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
-from sinks import queries
-from sinks.audit import CANONICAL_FIELDS, GENESIS_HASH, chain_hash
-from sinks.db import connect
-from sinks.migrate import migrate
-from sinks.store import PostgresCheckpointStore, _Commit
-from streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
-from streams.step import AuditRecord, ResultRecord, StateKey
-from streams.transport import TopicPartition
+from sluicegate.sinks import queries
+from sluicegate.sinks.audit import CANONICAL_FIELDS, GENESIS_HASH, chain_hash
+from sluicegate.sinks.db import connect
+from sluicegate.sinks.migrate import migrate
+from sluicegate.sinks.store import PostgresCheckpointStore, _Commit
+from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
+from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
+from sluicegate.streams.transport import TopicPartition
 
 pytestmark = pytest.mark.integration
 

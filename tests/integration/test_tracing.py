@@ -18,9 +18,9 @@ from opentelemetry.trace import SpanKind
 
 from sluicegate.pipeline import build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
-from streams import tracing
-from streams.envelope import Event
-from streams.publisher import Publisher
+from sluicegate.streams import tracing
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.publisher import Publisher
 from tests.integration.pipeline_support import (
     all_results,
     drop_schema,

@@ -12,10 +12,16 @@ from collections.abc import Sequence
 
 import pytest
 
-from streams.codec import decode, encode, headers_for
-from streams.envelope import Event
-from streams.partitioning import partition_for
-from streams.transport import Message, OutMessage, Subscription, TopicPartition, Transport
+from sluicegate.streams.codec import decode, encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.transport import (
+    Message,
+    OutMessage,
+    Subscription,
+    TopicPartition,
+    Transport,
+)
 
 pytestmark = pytest.mark.integration
 

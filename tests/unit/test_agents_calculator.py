@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.tools import ToolContext, ToolError, calculator
-from agents.tools.calculator import MAX_EXPRESSION_CHARS, CalculatorError, evaluate
+from sluicegate.agents.tools import ToolContext, ToolError, calculator
+from sluicegate.agents.tools.calculator import MAX_EXPRESSION_CHARS, CalculatorError, evaluate
 
 CTX = ToolContext(
     now=datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC),

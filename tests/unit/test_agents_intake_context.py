@@ -5,9 +5,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agents.history import ContextStep, estimate_tokens, evict
-from agents.intake import IntakeStep
-from agents.schemas import (
+from sluicegate.agents.history import ContextStep, estimate_tokens, evict
+from sluicegate.agents.intake import IntakeStep
+from sluicegate.agents.schemas import (
     TASK_ACCEPTED,
     TASK_SUBMITTED,
     ContextPacked,
@@ -15,8 +15,8 @@ from agents.schemas import (
     TaskAccepted,
     TaskSubmitted,
 )
-from agents.testing import context_for, make_event
-from agents.topics import CONTEXT, TASKS_ACCEPTED
+from sluicegate.agents.testing import context_for, make_event
+from sluicegate.agents.topics import CONTEXT, TASKS_ACCEPTED
 
 
 async def test_intake_accepts_and_drops_duplicates() -> None:

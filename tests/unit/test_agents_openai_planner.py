@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agents.model_client import aclose_shared
-from agents.openai_planner import OpenAIPlanner, endpoint, parse_plan
-from agents.schemas import HistoryTurn, TaskAccepted
+from sluicegate.agents.model_client import aclose_shared
+from sluicegate.agents.openai_planner import OpenAIPlanner, endpoint, parse_plan
+from sluicegate.agents.schemas import HistoryTurn, TaskAccepted
 
 
 @dataclass

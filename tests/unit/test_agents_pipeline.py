@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from agents import topics
-from agents.api import Step
-from agents.gate import AllowAllGate
-from agents.keyed import data_as
-from agents.pipeline import reference_steps
-from agents.schemas import (
+from sluicegate.agents import topics
+from sluicegate.agents.api import Step
+from sluicegate.agents.gate import AllowAllGate
+from sluicegate.agents.keyed import data_as
+from sluicegate.agents.pipeline import reference_steps
+from sluicegate.agents.schemas import (
     ACTION_ALLOWED,
     ACTION_DENIED,
     ACTION_PROPOSED,
@@ -18,11 +18,11 @@ from agents.schemas import (
     ActionProposed,
     TaskCompleted,
 )
-from agents.testing import MemoryPipeline, make_event
-from streams.checkpoint import INPUT_KINDS
-from streams.envelope import Event
-from streams.runner import RunnerConfig
-from streams.step import Context, Output
+from sluicegate.agents.testing import MemoryPipeline, make_event
+from sluicegate.streams.checkpoint import INPUT_KINDS
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import RunnerConfig
+from sluicegate.streams.step import Context, Output
 
 CALCULATIONS = {
     "what is 2 + 3 * 4?": 14,

@@ -5,10 +5,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.openai_planner import OpenAIPlanner
-from agents.planner import PlannerStep, make_planner
-from agents.rule_planner import RuleBasedPlanner, plan_request, requests
-from agents.schemas import (
+from sluicegate.agents.openai_planner import OpenAIPlanner
+from sluicegate.agents.planner import PlannerStep, make_planner
+from sluicegate.agents.rule_planner import RuleBasedPlanner, plan_request, requests
+from sluicegate.agents.schemas import (
     ACTION_PROPOSED,
     CONTEXT_PACKED,
     MAX_ACTIONS,
@@ -18,8 +18,8 @@ from agents.schemas import (
     TaskAccepted,
     ToolCall,
 )
-from agents.testing import context_for, make_event
-from agents.topics import ACTIONS_PROPOSED
+from sluicegate.agents.testing import context_for, make_event
+from sluicegate.agents.topics import ACTIONS_PROPOSED
 
 SUBMITTED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agents.responder import ResponderStep
-from agents.schemas import (
+from sluicegate.agents.responder import ResponderStep
+from sluicegate.agents.schemas import (
     ACTION_DENIED,
     TASK_COMPLETED,
     TOOL_RESULT,
@@ -12,10 +12,10 @@ from agents.schemas import (
     TaskCompleted,
     ToolResult,
 )
-from agents.testing import MemoryPipeline, context_for, make_event
-from agents.topics import ACTIONS_DENIED, RESULTS, TOOL_RESULTS
-from streams.envelope import Event
-from streams.step import Output, ResultRecord, StateKey, TickContext
+from sluicegate.agents.testing import MemoryPipeline, context_for, make_event
+from sluicegate.agents.topics import ACTIONS_DENIED, RESULTS, TOOL_RESULTS
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import Output, ResultRecord, StateKey, TickContext
 
 T0 = datetime(2024, 5, 6, 12, 0, 0, tzinfo=UTC)
 KEY = StateKey("acme", "s1")

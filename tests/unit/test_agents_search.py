@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.tools import ToolContext, ToolError, search
-from agents.tools.search import corpus, rank, terms
+from sluicegate.agents.tools import ToolContext, ToolError, search
+from sluicegate.agents.tools.search import corpus, rank, terms
 
 CTX = ToolContext(
     now=datetime(2024, 5, 6, tzinfo=UTC), tenant="acme", session="s1", task_id="t1", agent="a"

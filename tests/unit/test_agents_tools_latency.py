@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agents.executor import ToolsStep
-from agents.schemas import ActionAllowed
-from agents.tools import JSON, ToolContext, echo
-from agents.tools.latency import Latency, SlowTool
+from sluicegate.agents.executor import ToolsStep
+from sluicegate.agents.schemas import ActionAllowed
+from sluicegate.agents.tools import JSON, ToolContext, echo
+from sluicegate.agents.tools.latency import Latency, SlowTool
 from tests.model_endpoint import RecordingSleep, settle, until
 
 SUBMITTED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)

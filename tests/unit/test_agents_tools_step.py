@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from agents.executor import ToolsStep
-from agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
-from agents.testing import MemoryPipeline, context_for, make_event
-from agents.tools import JSON, RetryableToolError, Tool, ToolContext, ToolError
-from agents.topics import ACTIONS_ALLOWED, TOOL_RESULTS
-from streams.runner import RunnerConfig
+from sluicegate.agents.executor import ToolsStep
+from sluicegate.agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
+from sluicegate.agents.testing import MemoryPipeline, context_for, make_event
+from sluicegate.agents.tools import JSON, RetryableToolError, Tool, ToolContext, ToolError
+from sluicegate.agents.topics import ACTIONS_ALLOWED, TOOL_RESULTS
+from sluicegate.streams.runner import RunnerConfig
 
 SUBMITTED = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 

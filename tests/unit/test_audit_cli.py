@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
-from sinks.queries import AuditRow
 from sluicegate.cli import main
 from sluicegate.cli_audit import _progress_bar, format_table, parse_since, row_json
+from sluicegate.sinks.queries import AuditRow
 
 NOW = datetime(2025, 1, 31, 12, 0, 0, tzinfo=UTC)
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sinks.audit import (
+from sluicegate.sinks.audit import (
     COPY_COLUMNS,
     GENESIS_HASH,
     HASH_MISMATCH,
@@ -26,7 +26,7 @@ from sinks.audit import (
     link,
     verify_chain,
 )
-from streams.step import AuditRecord
+from sluicegate.streams.step import AuditRecord
 
 T0 = datetime(2025, 1, 31, 12, 0, 0, tzinfo=UTC)
 

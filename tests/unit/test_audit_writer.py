@@ -18,7 +18,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.audit import (
+from sluicegate.sinks.audit import (
     CANONICAL_FIELDS,
     COPY_COLUMNS,
     GENESIS_HASH,
@@ -28,7 +28,7 @@ from sinks.audit import (
     link,
     verify_chain,
 )
-from streams.step import AuditRecord
+from sluicegate.streams.step import AuditRecord
 
 T0 = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
 

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agents.openai_planner import OpenAIPlanner, content_of, parse_plan
-from agents.rule_planner import RuleBasedPlanner
-from agents.schemas import HistoryTurn, TaskAccepted
+from sluicegate.agents.openai_planner import OpenAIPlanner, content_of, parse_plan
+from sluicegate.agents.rule_planner import RuleBasedPlanner
+from sluicegate.agents.schemas import HistoryTurn, TaskAccepted
 from sluicegate.bench.model_standin import (
     LogNormalDelay,
     ModelStandin,

@@ -32,8 +32,8 @@ from sluicegate.bench.report import build_pipeline_report, render_table
 from sluicegate.cli_bench import MODES, BenchOptions, _failed, _total
 from sluicegate.pipeline import task_registry
 from sluicegate.settings import TransportName
-from streams.publisher import Publisher
-from streams.transports.memory import MemoryTransport
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.transports.memory import MemoryTransport
 
 MS = 1_000_000  # ns
 

@@ -10,11 +10,11 @@ import pytest
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from click.testing import CliRunner
 
-from sinks.progress import LogId, StoredOffset, classify
 from sluicegate.cli import cli, main
 from sluicegate.cli_offsets import plan_reset, reset_line
 from sluicegate.kafka_groups import GroupMember, GroupView, decode_assignment
 from sluicegate.progress_view import Holder, PartitionState
+from sluicegate.sinks.progress import LogId, StoredOffset, classify
 
 # Nothing answers here: a test that reached a service would fail on it.
 DEAD_ENV = {

@@ -24,8 +24,8 @@ from sluicegate.publishing import (
     reader_chunks,
 )
 from sluicegate.samples import generate
-from streams.codec import decode
-from streams.transports.memory import MemoryTransport
+from sluicegate.streams.codec import decode
+from sluicegate.streams.transports.memory import MemoryTransport
 
 TASK = b'{"tenant": "acme", "session": "s-1", "data": {"prompt": "what is 2+2"}}'
 

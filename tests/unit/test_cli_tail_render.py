@@ -9,6 +9,11 @@ import orjson
 import pytest
 
 from sluicegate.cli import main
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import H_DLQ_MESSAGE, H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP
+from sluicegate.streams.transport import Message, OutMessage
+from sluicegate.streams.transports.memory import MemoryTransport
 from sluicegate.tailing import (
     Filter,
     Seen,
@@ -19,11 +24,6 @@ from sluicegate.tailing import (
     renderer,
     summarize,
 )
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.runner import H_DLQ_MESSAGE, H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP
-from streams.transport import Message, OutMessage
-from streams.transports.memory import MemoryTransport
 
 
 @pytest.fixture(autouse=True)

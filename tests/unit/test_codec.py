@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from streams.codec import (
+from sluicegate.streams.codec import (
     CONTENT_TYPE,
     DataRegistry,
     DecodeError,
@@ -18,7 +18,7 @@ from streams.codec import (
     encode,
     headers_for,
 )
-from streams.envelope import Event
+from sluicegate.streams.envelope import Event
 
 
 def make_event(**overrides: object) -> Event:

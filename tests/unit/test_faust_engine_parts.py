@@ -13,13 +13,13 @@ from sluicegate.cli import main
 from sluicegate.faust_engine.app import KafkaNames, app_id, build_app, table_name
 from sluicegate.faust_engine.state import MirroredStore, SessionTable
 from sluicegate.faust_engine.transport import FaustTransport, to_message
-from streams.checkpoint import CommitBatch, MemoryCheckpointStore
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.partitioning import partition_for
-from streams.step import StateKey
-from streams.transport import OutMessage, TopicPartition, TransportError
-from streams.transports.kafka import KafkaTransport
+from sluicegate.streams.checkpoint import CommitBatch, MemoryCheckpointStore
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.step import StateKey
+from sluicegate.streams.transport import OutMessage, TopicPartition, TransportError
+from sluicegate.streams.transports.kafka import KafkaTransport
 
 # -- naming -------------------------------------------------------------------------------
 

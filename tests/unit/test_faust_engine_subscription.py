@@ -13,14 +13,14 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel
 
-from agents.api import Step
+from sluicegate.agents.api import Step
 from sluicegate.faust_engine.subscription import FaustSubscription
-from streams.checkpoint import CommitBatch, MemoryCheckpointStore, StaleBatchError
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.runner import StepRunner, StoreUnavailableError
-from streams.step import Context, Output
-from streams.transport import (
+from sluicegate.streams.checkpoint import CommitBatch, MemoryCheckpointStore, StaleBatchError
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import StepRunner, StoreUnavailableError
+from sluicegate.streams.step import Context, Output
+from sluicegate.streams.transport import (
     Message,
     OutMessage,
     PartitionsCallback,

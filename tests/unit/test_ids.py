@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import uuid
 
-from streams.envelope import Event
-from streams.ids import derived_id, new_id, timestamp_ms
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.ids import derived_id, new_id, timestamp_ms
 
 
 def test_new_ids_are_uuid7_unique_and_time_ordered() -> None:

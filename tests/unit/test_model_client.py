@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from agents.model_client import (
+from sluicegate.agents.model_client import (
     ModelCallError,
     ModelClient,
     SessionPool,
     Usage,
     retry_after_s,
 )
-from agents.model_limits import LimitRegistry
+from sluicegate.agents.model_limits import LimitRegistry
 from tests.metrics_support import metric_points
 from tests.model_endpoint import (
     USAGE,
@@ -334,7 +334,7 @@ async def test_metrics_count_tokens_retries_and_duration(
 async def test_no_metrics_recorded_while_metrics_are_off(
     server: Endpoint, pool: SessionPool
 ) -> None:
-    from streams import metrics
+    from sluicegate.streams import metrics
 
     assert not metrics.enabled()
     await client_for(server, pool).complete(BODY)  # must not touch the SDK or fail

@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from agents.model_limits import LimitConfig
-from agents.openai_planner import OpenAIPlanner
-from agents.planner import make_planner
-from agents.rule_planner import RuleBasedPlanner
-from agents.tools import builtin_tools
-from agents.tools.latency import Latency, SlowTool, parse_latency_ms, tools_from_env
+from sluicegate.agents.model_limits import LimitConfig
+from sluicegate.agents.openai_planner import OpenAIPlanner
+from sluicegate.agents.planner import make_planner
+from sluicegate.agents.rule_planner import RuleBasedPlanner
+from sluicegate.agents.tools import builtin_tools
+from sluicegate.agents.tools.latency import Latency, SlowTool, parse_latency_ms, tools_from_env
 from sluicegate.cli import main
 
 # A URL of this module's own: the process-wide limits are per endpoint, and

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from streams.transports.nats import NatsTransport, NatsTuning
-from streams.transports.nats.leases import (
+from sluicegate.streams.transports.nats import NatsTransport, NatsTuning
+from sluicegate.streams.transports.nats.leases import (
     LEASE,
     MEMBER,
     STATIC,

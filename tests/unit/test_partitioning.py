@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.partitioning import owned_partitions, partition_for
+from sluicegate.streams.partitioning import owned_partitions, partition_for
 
 
 def test_matches_kafka_java_client_murmur2() -> None:
@@ -46,7 +46,7 @@ def test_owned_partitions_cover_all_exactly_once() -> None:
 
 
 def test_a_message_goes_to_its_own_partition_or_its_keys() -> None:
-    from streams.transport import OutMessage, TransportError, target_partition
+    from sluicegate.streams.transport import OutMessage, TransportError, target_partition
 
     assert target_partition(OutMessage("t", b"", key=b"s1"), 6) == partition_for(b"s1", 6)
     assert target_partition(OutMessage("t", b"", key=b"s1", partition=5), 6) == 5

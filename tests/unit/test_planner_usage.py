@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from agents import topics
-from agents.model_client import ModelClient, SessionPool
-from agents.model_limits import LimitRegistry
-from agents.openai_planner import OpenAIPlanner
-from agents.pipeline import reference_steps
-from agents.planner import TOKENS_KEY, PlannerStep
-from agents.schemas import (
+from sluicegate.agents import topics
+from sluicegate.agents.model_client import ModelClient, SessionPool
+from sluicegate.agents.model_limits import LimitRegistry
+from sluicegate.agents.openai_planner import OpenAIPlanner
+from sluicegate.agents.pipeline import reference_steps
+from sluicegate.agents.planner import TOKENS_KEY, PlannerStep
+from sluicegate.agents.schemas import (
     CONTEXT_PACKED,
     TASK_SUBMITTED,
     ActionProposed,
@@ -23,7 +23,7 @@ from agents.schemas import (
     TaskAccepted,
     TaskCompleted,
 )
-from agents.testing import MemoryPipeline, context_for, make_event
+from sluicegate.agents.testing import MemoryPipeline, context_for, make_event
 from tests.metrics_support import metric_points
 from tests.model_endpoint import Endpoint, RecordingSleep, Reply, completion, serve
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from agents.schemas import ActionDenied
-from policy.bundle import Bundle
-from policy.engine import Compiler, Mode, PolicyEngine, compile_bundle
-from policy.gate import PolicyGate
-from policy.testing import context, proposed_event, write_bundle
+from sluicegate.agents.schemas import ActionDenied
+from sluicegate.policy.bundle import Bundle
+from sluicegate.policy.engine import Compiler, Mode, PolicyEngine, compile_bundle
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.policy.testing import context, proposed_event, write_bundle
 
 ENGINES = ["rvm", "interpreter"]
 
@@ -229,7 +229,7 @@ async def test_too_deep_to_scan() -> None:
 
 
 def test_bundle_without_decision_rule_does_not_start(tmp_path: Path) -> None:
-    from policy.engine import PolicyCompileError
+    from sluicegate.policy.engine import PolicyCompileError
 
     rego = "package sluice.other\nx := 1\n"
     with pytest.raises(PolicyCompileError):

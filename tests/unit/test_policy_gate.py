@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from agents.schemas import ActionAllowed, ActionDenied
-from policy.gate import PolicyGate
-from policy.testing import context, proposed_event
-from streams.step import Context, Output, Processor
+from sluicegate.agents.schemas import ActionAllowed, ActionDenied
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.policy.testing import context, proposed_event
+from sluicegate.streams.step import Context, Output, Processor
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,17 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from agents.schemas import ActionProposed
-from policy.bundle import BundleError, default_bundle_path, load_bundle, signature
-from policy.cache import DecisionCache, cache_key, deterministic
-from policy.decision import MalformedDecision, Mask, apply_masks, parse_decision
-from policy.engine import UNDEFINED, InterpreterEngine, PolicyCompileError, RvmEngine
-from policy.evaluator import LoadedPolicy, Request
-from policy.features import InputBuilder, InputTooComplex, luhn_ok, url_host
-from policy.lint import check, run_tests
-from policy.schemas import ProposedAction
-from policy.testing import copy_reference_bundle, write_bundle
+from sluicegate.agents.schemas import ActionProposed
 from sluicegate.cli_policy import policy as policy_cli
+from sluicegate.policy.bundle import BundleError, default_bundle_path, load_bundle, signature
+from sluicegate.policy.cache import DecisionCache, cache_key, deterministic
+from sluicegate.policy.decision import MalformedDecision, Mask, apply_masks, parse_decision
+from sluicegate.policy.engine import UNDEFINED, InterpreterEngine, PolicyCompileError, RvmEngine
+from sluicegate.policy.evaluator import LoadedPolicy, Request
+from sluicegate.policy.features import InputBuilder, InputTooComplex, luhn_ok, url_host
+from sluicegate.policy.lint import check, run_tests
+from sluicegate.policy.schemas import ProposedAction
+from sluicegate.policy.testing import copy_reference_bundle, write_bundle
 
 ALLOW = (
     "package sluice.gate\n"

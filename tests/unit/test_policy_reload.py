@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from policy.bundle import Bundle, load_bundle
-from policy.engine import PolicyEngine, compile_bundle
-from policy.gate import PolicyGate
-from policy.testing import context, copy_reference_bundle, proposed_event, write_bundle
+from sluicegate.policy.bundle import Bundle, load_bundle
+from sluicegate.policy.engine import PolicyEngine, compile_bundle
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.policy.testing import context, copy_reference_bundle, proposed_event, write_bundle
 
 ALLOW = (
     "package sluice.gate\n"

@@ -9,14 +9,20 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from agents.api import Step
-from streams.checkpoint import MemoryCheckpointStore
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.runner import H_DLQ_MESSAGE, H_DLQ_REASON, H_DLQ_SOURCE, H_DLQ_STEP, StepRunner
-from streams.step import Context, Output, StateKey
-from streams.transport import Message, OutMessage, TransportError
-from streams.transports.memory import MemoryTransport
+from sluicegate.agents.api import Step
+from sluicegate.streams.checkpoint import MemoryCheckpointStore
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import (
+    H_DLQ_MESSAGE,
+    H_DLQ_REASON,
+    H_DLQ_SOURCE,
+    H_DLQ_STEP,
+    StepRunner,
+)
+from sluicegate.streams.step import Context, Output, StateKey
+from sluicegate.streams.transport import Message, OutMessage, TransportError
+from sluicegate.streams.transports.memory import MemoryTransport
 
 
 class Ping(BaseModel):

@@ -15,14 +15,14 @@ from typing import ClassVar
 import pytest
 from pydantic import BaseModel
 
-from agents.api import Step
-from streams.checkpoint import CommitBatch, MemoryCheckpointStore
-from streams.codec import decode, encode, headers_for
-from streams.envelope import Event
-from streams.runner import RunnerConfig, StepRunner
-from streams.step import Context, Output, StateKey
-from streams.transport import OutMessage, TopicPartition
-from streams.transports.memory import MemoryTransport
+from sluicegate.agents.api import Step
+from sluicegate.streams.checkpoint import CommitBatch, MemoryCheckpointStore
+from sluicegate.streams.codec import decode, encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import RunnerConfig, StepRunner
+from sluicegate.streams.step import Context, Output, StateKey
+from sluicegate.streams.transport import OutMessage, TopicPartition
+from sluicegate.streams.transports.memory import MemoryTransport
 
 
 class Item(BaseModel):
@@ -339,6 +339,6 @@ async def test_progress_kept_under_the_plain_topic_name_is_adopted_once() -> Non
 
 
 def partition_of(session: str, partitions: int) -> int:
-    from streams.partitioning import partition_for
+    from sluicegate.streams.partitioning import partition_for
 
     return partition_for(session.encode(), partitions)

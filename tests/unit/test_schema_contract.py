@@ -10,17 +10,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.planner import PlannerStep
-from agents.schemas import (
+from sluicegate.agents.planner import PlannerStep
+from sluicegate.agents.schemas import (
     ActionAllowed,
     ActionDenied,
     ActionProposed,
     ContextPacked,
     TaskAccepted,
 )
-from agents.testing import context_for, make_event
-from policy.gate import PolicyGate
-from policy.schemas import ProposedAction
+from sluicegate.agents.testing import context_for, make_event
+from sluicegate.policy.gate import PolicyGate
+from sluicegate.policy.schemas import ProposedAction
 
 
 def test_the_gate_reads_every_field_the_planner_writes() -> None:

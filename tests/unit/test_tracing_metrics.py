@@ -8,15 +8,15 @@ from typing import Any, ClassVar
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import BaseModel
 
-from agents.api import Step
-from streams import metrics
-from streams.checkpoint import MemoryCheckpointStore
-from streams.codec import encode, headers_for
-from streams.envelope import Event
-from streams.runner import StepRunner
-from streams.step import Context, Output
-from streams.transport import Message, OutMessage
-from streams.transports.memory import MemoryTransport
+from sluicegate.agents.api import Step
+from sluicegate.streams import metrics
+from sluicegate.streams.checkpoint import MemoryCheckpointStore
+from sluicegate.streams.codec import encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.runner import StepRunner
+from sluicegate.streams.step import Context, Output
+from sluicegate.streams.transport import Message, OutMessage
+from sluicegate.streams.transports.memory import MemoryTransport
 from tests.metrics_support import metric_points
 
 

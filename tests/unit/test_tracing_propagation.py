@@ -9,12 +9,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
-from streams import tracing
-from streams.codec import headers_for
-from streams.envelope import Event
-from streams.publisher import Publisher
-from streams.step import trace_id_of
-from streams.transports.memory import MemoryTransport
+from sluicegate.streams import tracing
+from sluicegate.streams.codec import headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.step import trace_id_of
+from sluicegate.streams.transports.memory import MemoryTransport
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"

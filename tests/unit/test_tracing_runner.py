@@ -11,16 +11,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
-from agents.api import Step
-from streams import tracing
-from streams.checkpoint import MemoryCheckpointStore
-from streams.codec import decode, encode, headers_for
-from streams.envelope import Event
-from streams.publisher import Publisher
-from streams.runner import StepRunner
-from streams.step import Context, Output, trace_id_of
-from streams.transport import Message, OutMessage
-from streams.transports.memory import MemoryTransport
+from sluicegate.agents.api import Step
+from sluicegate.streams import tracing
+from sluicegate.streams.checkpoint import MemoryCheckpointStore
+from sluicegate.streams.codec import decode, encode, headers_for
+from sluicegate.streams.envelope import Event
+from sluicegate.streams.publisher import Publisher
+from sluicegate.streams.runner import StepRunner
+from sluicegate.streams.step import Context, Output, trace_id_of
+from sluicegate.streams.transport import Message, OutMessage
+from sluicegate.streams.transports.memory import MemoryTransport
 
 
 class Ping(BaseModel):

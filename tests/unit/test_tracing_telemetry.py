@@ -13,7 +13,7 @@ from opentelemetry import trace as otel_trace
 from sluicegate.cli import main
 from sluicegate.runtime import configure_telemetry
 from sluicegate.settings import Settings
-from streams import metrics, tracing
+from sluicegate.streams import metrics, tracing
 
 
 @pytest.fixture(autouse=True)

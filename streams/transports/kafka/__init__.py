@@ -20,9 +20,9 @@ The modules: ``clients`` (aiokafka options, errors, cleanup), ``names``
 and ``subscription`` (:class:`KafkaSubscription` and its rebalance listener).
 """
 
-from streams.transports.kafka.clients import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
-from streams.transports.kafka.subscription import KafkaSubscription
-from streams.transports.kafka.transport import KafkaTransport
+from sluicegate.streams.transports.kafka.clients import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
+from sluicegate.streams.transports.kafka.subscription import KafkaSubscription
+from sluicegate.streams.transports.kafka.transport import KafkaTransport
 
 __all__ = [
     "CONSUMER_DEFAULTS",

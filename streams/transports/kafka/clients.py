@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.kafka")
+log = logging.getLogger("sluicegate.streams.transports.kafka")
 
 # Records are batched per partition up to this size. 128-256 KiB measured best
 # on Tansu (16 KiB, aiokafka's default, is half as fast); it stays well under

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from aiokafka import TopicPartition as KafkaTopicPartition
 
-from streams.transport import TopicPartition
+from sluicegate.streams.transport import TopicPartition
 
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 

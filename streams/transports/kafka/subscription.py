@@ -19,12 +19,18 @@ from aiokafka import ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
-from streams.transport import Message, PartitionsCallback, StartFrom, TopicPartition, TransportError
-from streams.transports.kafka.clients import _error, _quietly
-from streams.transports.kafka.names import _NO_HEADERS, _Headers, _Names
+from sluicegate.streams.transport import (
+    Message,
+    PartitionsCallback,
+    StartFrom,
+    TopicPartition,
+    TransportError,
+)
+from sluicegate.streams.transports.kafka.clients import _error, _quietly
+from sluicegate.streams.transports.kafka.names import _NO_HEADERS, _Headers, _Names
 
 if TYPE_CHECKING:  # only for annotations: transport.py imports this module
-    from streams.transports.kafka.transport import KafkaTransport
+    from sluicegate.streams.transports.kafka.transport import KafkaTransport
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

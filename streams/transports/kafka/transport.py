@@ -23,7 +23,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from streams.transport import (
+from sluicegate.streams.transport import (
     OutMessage,
     PartitionsCallback,
     StartFrom,
@@ -31,7 +31,7 @@ from streams.transport import (
     TransportError,
     target_partition,
 )
-from streams.transports.kafka.clients import (
+from sluicegate.streams.transports.kafka.clients import (
     _ADMIN_OPTIONS,
     _CLIENT_OPTIONS,
     _CONSUMER_OPTIONS,
@@ -45,12 +45,12 @@ from streams.transports.kafka.clients import (
     _pick,
     _quietly,
 )
-from streams.transports.kafka.names import _encode_headers, _Names
-from streams.transports.kafka.subscription import KafkaSubscription
-from streams.transports.kafka.topic_ids import topic_ids
+from sluicegate.streams.transports.kafka.names import _encode_headers, _Names
+from sluicegate.streams.transports.kafka.subscription import KafkaSubscription
+from sluicegate.streams.transports.kafka.topic_ids import topic_ids
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.kafka")
+log = logging.getLogger("sluicegate.streams.transports.kafka")
 
 # Kafka error codes we accept from CreateTopics.
 _NO_ERROR: Final = 0

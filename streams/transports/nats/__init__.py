@@ -43,16 +43,21 @@ keys, rendezvous hashing, :func:`read_ownership`) and ``ownership`` (the
 protocol that takes, keeps and gives up a group's partitions).
 """
 
-from streams.transports.nats.leases import (
+from sluicegate.streams.transports.nats.leases import (
     OwnershipView,
     WorkerInfo,
     new_worker_id,
     read_ownership,
 )
-from streams.transports.nats.names import NatsTuning, consumer_name, stream_name, subject_for
-from streams.transports.nats.subscription import NatsSubscription
-from streams.transports.nats.transport import NatsTransport
-from streams.transports.nats.wire import (
+from sluicegate.streams.transports.nats.names import (
+    NatsTuning,
+    consumer_name,
+    stream_name,
+    subject_for,
+)
+from sluicegate.streams.transports.nats.subscription import NatsSubscription
+from sluicegate.streams.transports.nats.transport import NatsTransport
+from sluicegate.streams.transports.nats.wire import (
     EVENT_ID_HEADER,
     KEY_B64_HEADER,
     KEY_HEADER,

@@ -53,15 +53,15 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from streams.transport import TransportError
-from streams.transports.nats.names import (
+from sluicegate.streams.transport import TransportError
+from sluicegate.streams.transports.nats.names import (
     _ERR_STREAM_NAME_IN_USE,
     _ERR_WRONG_LAST_SEQUENCE,
     NatsTuning,
     key_token,
     owners_bucket,
 )
-from streams.transports.nats.wire import _status_of
+from sluicegate.streams.transports.nats.wire import _status_of
 
 MEMBER, STATIC, LEASE = "m", "s", "l"
 Kind = Literal["m", "s", "l"]

@@ -14,8 +14,8 @@ from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from streams.transport import TopicPartition, TransportError
-from streams.transports.nats.names import stream_name, subject_for
+from sluicegate.streams.transport import TopicPartition, TransportError
+from sluicegate.streams.transports.nats.names import stream_name, subject_for
 
 
 async def log_ids(js: JetStreamContext, prefix: str, topics: Sequence[str]) -> dict[str, str]:

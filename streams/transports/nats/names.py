@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 # JetStream API error codes we act on.
 _ERR_STREAM_NAME_IN_USE = 10058

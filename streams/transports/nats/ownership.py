@@ -45,8 +45,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscriptionHandle
 from nats.errors import Error as NatsError
 
-from streams.transport import TransportError
-from streams.transports.nats.leases import (
+from sluicegate.streams.transport import TransportError
+from sluicegate.streams.transports.nats.leases import (
     LEASE,
     MEMBER,
     Holder,
@@ -55,13 +55,13 @@ from streams.transports.nats.leases import (
     member_key,
     rendezvous_owner,
 )
-from streams.transports.nats.names import NatsTuning, key_token
+from sluicegate.streams.transports.nats.names import NatsTuning, key_token
 
 if TYPE_CHECKING:  # only for annotations: subscription.py imports this module
-    from streams.transports.nats.subscription import NatsSubscription
+    from sluicegate.streams.transports.nats.subscription import NatsSubscription
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.nats")
+log = logging.getLogger("sluicegate.streams.transports.nats")
 
 _KV_OPERATION = "KV-Operation"
 # While waiting to see whether a static partition's holder is alive, look

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from streams.transport import TransportError
+from sluicegate.streams.transport import TransportError
 
 _COUNT = re.compile(r"\bpartitions=(\d+)\b")
 

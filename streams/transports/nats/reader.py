@@ -20,15 +20,15 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from streams.transport import Message, StartFrom, TopicPartition, TransportError
-from streams.transports.nats.names import _ERR_STREAM_NOT_FOUND
-from streams.transports.nats.wire import _DESCRIPTION_HEADER, _status_of, split_headers
+from sluicegate.streams.transport import Message, StartFrom, TopicPartition, TransportError
+from sluicegate.streams.transports.nats.names import _ERR_STREAM_NOT_FOUND
+from sluicegate.streams.transports.nats.wire import _DESCRIPTION_HEADER, _status_of, split_headers
 
 if TYPE_CHECKING:  # only for annotations: subscription.py imports this module
-    from streams.transports.nats.subscription import NatsSubscription
+    from sluicegate.streams.transports.nats.subscription import NatsSubscription
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.nats")
+log = logging.getLogger("sluicegate.streams.transports.nats")
 
 # The reply subject of a JetStream delivery carries its metadata:
 #   $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>       (9 tokens)

@@ -26,21 +26,21 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 
-from streams.transport import (
+from sluicegate.streams.transport import (
     Message,
     PartitionsCallback,
     StartFrom,
     TopicPartition,
     TransportError,
 )
-from streams.transports.nats.names import NatsTuning
-from streams.transports.nats.reader import _PartitionReader
+from sluicegate.streams.transports.nats.names import NatsTuning
+from sluicegate.streams.transports.nats.reader import _PartitionReader
 
 if TYPE_CHECKING:  # only for annotations: ownership.py imports this module's users
-    from streams.transports.nats.ownership import Ownership
+    from sluicegate.streams.transports.nats.ownership import Ownership
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.nats")
+log = logging.getLogger("sluicegate.streams.transports.nats")
 
 ReaderFactory = Callable[["NatsSubscription", TopicPartition], _PartitionReader]
 

@@ -24,7 +24,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from streams.transport import (
+from sluicegate.streams.transport import (
     OutMessage,
     PartitionsCallback,
     StartFrom,
@@ -32,14 +32,14 @@ from streams.transport import (
     TransportError,
     target_partition,
 )
-from streams.transports.nats import logs
-from streams.transports.nats.leases import (
+from sluicegate.streams.transports.nats import logs
+from sluicegate.streams.transports.nats.leases import (
     OwnerBucket,
     OwnershipView,
     new_worker_id,
     read_ownership,
 )
-from streams.transports.nats.names import (
+from sluicegate.streams.transports.nats.names import (
     _ERR_STREAM_NAME_IN_USE,
     _PREFIX_RE,
     NatsTuning,
@@ -49,11 +49,11 @@ from streams.transports.nats.names import (
     stream_name,
     subject_for,
 )
-from streams.transports.nats.ownership import Ownership
-from streams.transports.nats.partitions import check_partitions, describe_partitions
-from streams.transports.nats.reader import _PartitionReader
-from streams.transports.nats.subscription import NatsSubscription
-from streams.transports.nats.wire import (
+from sluicegate.streams.transports.nats.ownership import Ownership
+from sluicegate.streams.transports.nats.partitions import check_partitions, describe_partitions
+from sluicegate.streams.transports.nats.reader import _PartitionReader
+from sluicegate.streams.transports.nats.subscription import NatsSubscription
+from sluicegate.streams.transports.nats.wire import (
     EVENT_ID_HEADER,
     MSG_ID_HEADER,
     _ack_failure,
@@ -66,7 +66,7 @@ from streams.transports.nats.wire import (
 )
 
 # One logger for the whole transport, named as when it was one module.
-log = logging.getLogger("streams.transports.nats")
+log = logging.getLogger("sluicegate.streams.transports.nats")
 
 
 class NatsTransport:

@@ -19,7 +19,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from streams.transport import OutMessage, TransportError
+from sluicegate.streams.transport import OutMessage, TransportError
 
 KEY_HEADER = "sluice-key"
 KEY_B64_HEADER = "sluice-key-b64"
