@@ -24,6 +24,7 @@ file could load a policy nobody wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -57,7 +58,7 @@ from sluicegate.policy.schemas import (
     ProposedAction,
 )
 from sluicegate.streams.envelope import Event
-from sluicegate.streams.step import Context, Output
+from sluicegate.streams.step import Context, Hooks, Output
 
 log = logging.getLogger("sluicegate.policy")
 
@@ -95,7 +96,7 @@ class _Watched:
         self.refused: str | None = None
 
 
-class PolicyGate:
+class PolicyGate(Hooks):
     """The policy gate step (name ``gate``).
 
     ``bundle`` defaults to ``SLUICE_POLICY_BUNDLE``, else the packaged
@@ -286,6 +287,12 @@ class PolicyGate:
             watched.seen = seen
             swapped = self._swap(watched) or swapped
         return swapped
+
+    async def open(self) -> None:
+        """A worker starting the gate: SIGHUP reloads its bundles from now on (Unix)."""
+        # Not where signals cannot be handled (another thread's loop, Windows).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            self.install_sighup(asyncio.get_running_loop())
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload on SIGHUP (Unix), between two events: the loop runs the handler."""

@@ -1,6 +1,9 @@
-"""Pipeline assembly: which steps run, in which order, with which gate and planner.
+"""The reference pipeline, and the ``Pipeline`` a command runs.
 
-``build_steps`` gives the reference pipeline with the application's choices
+``reference()`` is the reference pipeline as a :class:`~sluicegate.Pipeline`,
+what ``sluice run`` runs without ``--pipeline`` (``DEFAULT_PIPELINE``);
+:func:`load_pipeline` imports the one ``--pipeline MODULE:ATTR`` /
+``SLUICE_PIPELINE`` names. ``build_steps`` gives the reference steps with the application's choices
 made: the planner from ``SLUICE_LLM_*``, the Rego policy gate (bundle
 from ``SLUICE_POLICY_BUNDLE``, shadow from ``SLUICE_POLICY_SHADOW``) and the
 built-in tools, slowed by ``SLUICE_TOOL_LATENCY_MS`` when set;
@@ -15,6 +18,7 @@ import os
 from collections.abc import Sequence
 
 from sluicegate.agents import topics
+from sluicegate.agents.graph import Pipeline
 from sluicegate.agents.pipeline import reference_steps
 from sluicegate.agents.planner import make_planner
 from sluicegate.agents.schemas import TASK_SUBMITTED, TaskSubmitted
@@ -30,6 +34,16 @@ def build_steps() -> list[Processor]:
     return reference_steps(
         planner=make_planner(os.environ), make_gate=PolicyGate, tools=tools_from_env(os.environ)
     )
+
+
+def reference() -> Pipeline:
+    """The reference pipeline (intake, context, planner, Rego gate, tools, responder)."""
+    return Pipeline(
+        build_steps(), upstream={topics.TASKS: {TASK_SUBMITTED: TaskSubmitted}}, name="reference"
+    )
+
+
+DEFAULT_PIPELINE = "sluicegate.pipeline:reference"
 
 
 def check_step_settings() -> None:

@@ -106,13 +106,6 @@ async def run_steps(
     )
     runners: list[StepRunner] = []
     stores: list[CheckpointStore] = []
-    loop = asyncio.get_running_loop()
-    for step in steps:
-        # The policy gate reloads its bundle on SIGHUP.
-        install = getattr(step, "install_sighup", None)
-        if callable(install):
-            with suppress(NotImplementedError, RuntimeError):
-                install(loop)
     try:
         for step in steps:
             store = await open_store(settings)

@@ -40,6 +40,10 @@ REASON_INVALID = "invalid_attribute"
 REASON_UNKNOWN_TYPE = "unknown_type"
 REASON_INVALID_DATA = "invalid_data"
 
+# A registry key standing for every event type not registered by name (a
+# step typed ``Step[Ticket]`` validates all its input as ``Ticket``).
+ANY_TYPE = "*"
+
 
 class DecodeError(ValueError):
     """A message that cannot become an :class:`Event`; ``reason`` says why."""
@@ -64,14 +68,14 @@ class DataRegistry:
         self._models[event_type] = model
 
     def model_for(self, event_type: str) -> type[BaseModel] | None:
-        return self._models.get(event_type)
+        return self._models.get(event_type) or self._models.get(ANY_TYPE)
 
     def __contains__(self, event_type: object) -> bool:
-        return event_type in self._models
+        return event_type in self._models or ANY_TYPE in self._models
 
     def validate(self, event: Event, *, strict_types: bool = True) -> BaseModel | None:
         """Validate ``event.data``; raise :class:`DecodeError` when it does not fit."""
-        model = self._models.get(event.type)
+        model = self.model_for(event.type)
         if model is None:
             if strict_types:
                 raise DecodeError(REASON_UNKNOWN_TYPE, f"no schema for event type {event.type!r}")

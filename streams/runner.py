@@ -48,7 +48,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +81,7 @@ from sluicegate.streams.partitioning import partition_for
 from sluicegate.streams.step import (
     AuditRecord,
     Context,
+    DeadLetter,
     Output,
     Processor,
     StateKey,
@@ -282,7 +283,8 @@ class StepRunner:
         self._seeks: dict[TopicPartition, int] = {}
         self._sub: Subscription | None = None
         self._outputs = frozenset(processor.outputs)
-        self._has_tick = callable(getattr(processor, "tick", None))
+        self._has_tick = processor.ticks
+        self._opened = False
         self._last_tick = 0.0
         # In flight: admitted inputs, the keys with work, their tasks.
         self._marks = Watermarks()
@@ -318,6 +320,11 @@ class StepRunner:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._opened:
+            # Before anything is fetched: the step's clients are ready for
+            # its first event; close() undoes it.
+            await self.processor.open()
+            self._opened = True
         topics = [*self.processor.inputs, *self.processor.outputs, DLQ_TOPIC]
         await self.transport.ensure_topics(dict.fromkeys(topics))
         self._sub = await self.transport.subscribe(
@@ -476,6 +483,9 @@ class StepRunner:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.close()
+        if self._opened:
+            self._opened = False
+            await self.processor.close()
 
     async def _drain(self, stop_committer: asyncio.Task[None], *, wait: bool) -> None:
         """Shutdown: let in-flight events finish (bounded), checkpoint them, stop committing."""
@@ -910,6 +920,9 @@ class StepRunner:
                 self._check_outputs(outputs)
                 wire = self._encode_outputs(outputs)
                 after = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
+            except DeadLetter as exc:
+                # The step says retrying cannot help: dead-letter now, with its reason.
+                raise _Poison(exc.reason, exc) from exc
             except Exception as exc:  # a step's bug must not kill the worker
                 if isinstance(exc, _BadOutput) or attempt >= self.config.max_attempts:
                     raise _Poison("step_error", exc) from exc
@@ -1084,10 +1097,8 @@ class StepRunner:
             key: orjson.loads(blob) for key, blob in self._states.items() if key not in self._keys
         }
         tc = TickContext(step=self.processor.name, states=live)
-        tick: Callable[[datetime, TickContext], Awaitable[list[Output]]]
-        tick = self.processor.tick  # type: ignore[attr-defined]
         try:
-            outputs = await tick(now or self._clock(), tc)
+            outputs = await self.processor.tick(now or self._clock(), tc)
             self._check_outputs(outputs)
             wire = [_to_wire(o) for o in outputs]
         except Exception:

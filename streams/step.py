@@ -15,13 +15,39 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from datetime import datetime
+from typing import Any, Generic, Protocol, runtime_checkable
 
 from pydantic import BaseModel
+
+# PEP 696 defaults (Python 3.13's typing has them): a bare ``Context`` is
+# ``Context[Any]``, so untyped steps need no type argument under mypy strict.
+from typing_extensions import TypeVar
 
 from sluicegate.streams.envelope import Event
 
 JSON = dict[str, Any]
+
+# The validated ``data`` of a step's input: its declared model, else Any.
+D = TypeVar("D", default=Any)
+
+
+class DeadLetter(Exception):
+    """Raised by a step: dead-letter this input now, without retrying it.
+
+    For input the step can tell will never succeed (a ticket in a language
+    nobody reads, a reference to a record that does not exist). ``reason``
+    is a short code (the dead letter's ``sluice-dlq-reason`` header, what
+    ``sluice dlq list --reason`` filters on); ``message`` says more. Any
+    other exception is retried first.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        reason = reason.strip()
+        if not reason:
+            raise ValueError("DeadLetter needs a reason")
+        super().__init__(message or reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +98,13 @@ class StateKey:
     session: str
 
 
-class Context:
-    """Per-event view handed to ``process``. Built by the runner; not shared across events."""
+class Context(Generic[D]):
+    """Per-event view handed to ``process``. Built by the runner; not shared across events.
+
+    ``Context[Ticket]`` says ``data`` is the input's data validated as
+    ``Ticket`` (a step declares it as ``Step[Ticket]``); a bare ``Context``
+    leaves ``data`` untyped.
+    """
 
     __slots__ = (
         "_index",
@@ -94,14 +125,14 @@ class Context:
         event: Event,
         state: MutableMapping[str, Any],
         partition: int,
-        data: BaseModel | None = None,
+        data: D = None,  # type: ignore[assignment]  # (None when no model is declared)
     ) -> None:
         self.step = step
         self.event = event
         self.state = state
         self.partition = partition
         # ``event.data`` validated against the step's model for its type, if it declares one.
-        self.data = data
+        self.data: D = data
         self.audit: list[AuditRecord] = []
         self.results: list[ResultRecord] = []
         # Extra detail for the runner's ``processed`` audit row of this input.
@@ -165,7 +196,14 @@ class Processor(Protocol):
 
     ``accepts`` maps each input event type to the pydantic model of its
     ``data``; an input of another type is a dead letter (``unknown_type``).
-    An empty mapping accepts every type unvalidated.
+    ``ANY_TYPE`` (``"*"``) as a key validates every other type against its
+    model. An empty mapping accepts every type unvalidated.
+
+    The lifecycle is declared here, so the runner calls it without looking
+    for optional methods: ``open`` before the first event (connect clients,
+    load a model), ``close`` after the last (on shutdown, also after a
+    failure); ``tick`` about once a second when ``ticks`` is true.
+    :class:`Hooks` gives steps that need none of them the no-op versions.
     """
 
     # Read-only properties, so that class attributes (as ``agents.api.Step``
@@ -178,8 +216,30 @@ class Processor(Protocol):
     def outputs(self) -> Sequence[str]: ...
     @property
     def accepts(self) -> Mapping[str, type[BaseModel]]: ...
+    @property
+    def ticks(self) -> bool: ...
 
     async def process(self, event: Event, ctx: Context) -> list[Output]: ...
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def tick(self, now: datetime, tc: TickContext) -> list[Output]: ...
+
+
+class Hooks:
+    """No-op lifecycle hooks, for steps that need none (see :class:`Processor`)."""
+
+    # A step that ticks sets this (``agents.api.Step`` does when ``tick`` is overridden).
+    ticks: bool = False
+
+    async def open(self) -> None:
+        """Before the first event of this worker: connect, load, warm up."""
+
+    async def close(self) -> None:
+        """After the last event of this worker, also after a failure."""
+
+    async def tick(self, now: datetime, tc: TickContext) -> list[Output]:
+        """Time-driven work (deadlines) on the sessions with nothing in flight."""
+        return []
 
 
 def trace_id_of(traceparent: str | None) -> str | None:
@@ -191,10 +251,10 @@ def trace_id_of(traceparent: str | None) -> str | None:
 
 
 class TickContext:
-    """What a step's optional ``tick(now, tc)`` sees: the states of its owned sessions.
+    """What a step's ``tick(now, tc)`` sees: the states of its owned sessions.
 
     The runner calls ``tick`` between batches (about once a second) on steps
-    that define it, for time-driven work such as deadlines. A tick has no input
+    whose ``ticks`` is true, for time-driven work such as deadlines. A tick has no input
     event, so outputs get ids derived from a seed the step chooses (for
     example the task id), which keeps them deterministic across a replay.
     Changes to the states it hands out are committed with the next batch.
