@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -275,6 +275,14 @@ async def aclose_shared() -> None:
 
 
 # --- the client -------------------------------------------------------------------------
+
+
+class ChatClient(Protocol):
+    """What a step needs from a model client: :class:`ModelClient` is one, a test's stub another."""
+
+    async def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> ChatResult: ...
 
 
 class ModelClient:

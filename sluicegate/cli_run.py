@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 
 import click
 
 from sluicegate.cli import load_settings, transport_option
-from sluicegate.pipeline import build_steps, select_steps
+from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline, steps_option
 from sluicegate.runtime import (
     NotMigratedError,
     configure_telemetry,
@@ -18,11 +17,13 @@ from sluicegate.runtime import (
     stop_on_signals,
 )
 from sluicegate.streams.transport import TransportError
+from sluicegate.worker_log import configure_logging
 
 
 @click.command("run")
 @transport_option
-@click.option("--steps", default=None, help="Comma-separated step names (default: all).")
+@pipeline_option
+@steps_option
 @click.option(
     "--instance",
     default=None,
@@ -45,15 +46,26 @@ from sluicegate.streams.transport import TransportError
     "host SLUICE_METRICS_HOST, default 127.0.0.1).",
 )
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--library-log-level",
+    default="WARNING",
+    show_default=True,
+    help="Log level of aiokafka, nats, Faust and the other libraries (their INFO is chatter).",
+)
 def run(
+    pipeline_spec: str | None,
     transport: str | None,
     steps: str | None,
     instance: str | None,
     engine: str,
     metrics_port: int | None,
     log_level: str,
+    library_log_level: str,
 ) -> None:
     """Run one, several or all steps of the pipeline until SIGTERM or SIGINT.
+
+    The pipeline is --pipeline MODULE:ATTR (or SLUICE_PIPELINE), imported
+    from the current directory; without it, the reference pipeline.
 
     Many events are in flight at once (SLUICE_MAX_IN_FLIGHT per step; one
     session's events in order). On SIGTERM the worker stops fetching, lets
@@ -65,13 +77,13 @@ def run(
     settings = load_settings(transport=transport, metrics_port=metrics_port)
     if engine == "faust":
         _check_faust_flags(settings.transport, instance)
+    app = resolve_pipeline(pipeline_spec)
     try:
-        pipeline = build_steps()
-        chosen = select_steps(pipeline, steps)
+        chosen = app.select(steps)
         owned = parse_instance(instance) if instance else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(log_level, library_log_level)
 
     config = settings.runner_config()
     crash_after = os.environ.get("SLUICE_TEST_CRASH_AFTER_COMMITS")
@@ -81,12 +93,12 @@ def run(
 
     async def main() -> None:
         stop = asyncio.Event()
-        stop_on_signals(stop)
+        stop_on_signals(stop, grace=settings.shutdown_grace)
         if engine == "faust":
             # Imported here: Faust is slow to import, and only this engine needs it.
             from sluicegate.faust_engine import run_faust_steps
 
-            names = [step.name for step in pipeline]
+            names = app.step_names
             await run_faust_steps(chosen, settings, stop=stop, config=config, all_steps=names)
         else:
             await run_steps(chosen, settings, stop=stop, instance=owned, config=config)

@@ -68,11 +68,11 @@ def load_pipeline(spec: str) -> Pipeline:
         if isinstance(made, Pipeline):
             return made
         raise PipelineLoadError(
-            f"{spec}() returned {type(made).__name__}, not a sluicegate.Pipeline"
+            f"{spec}() returned an object of type {type(made).__name__}, not a sluicegate.Pipeline"
         )
     raise PipelineLoadError(
-        f"{spec} is a {type(target).__name__}, not a sluicegate.Pipeline "
-        "(or a function returning one)"
+        f"{spec} is not a sluicegate.Pipeline (nor a function returning one): "
+        f"it is of type {type(target).__name__}"
     )
 
 
