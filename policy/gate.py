@@ -155,6 +155,11 @@ class PolicyGate(Hooks):
         return policy
 
     @property
+    def bundle_paths(self) -> tuple[Path, ...]:
+        """The live bundle's directory, then the shadow bundle's if there is one."""
+        return (self._live.path,) + ((self._shadow.path,) if self._shadow else ())
+
+    @property
     def shadow_policy(self) -> LoadedPolicy | None:
         return self._shadow.policy if self._shadow else None
 

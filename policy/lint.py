@@ -16,7 +16,7 @@ from typing import Final
 
 import regorus
 
-from sluicegate.policy.bundle import Bundle, BundleError, load_bundle
+from sluicegate.policy.bundle import DATA_FILE, Bundle, BundleError, load_bundle
 from sluicegate.policy.engine import DECISION_RULE, PolicyCompileError, regorus_message
 from sluicegate.policy.evaluator import LoadedPolicy
 from sluicegate.policy.features import InputBuilder
@@ -57,6 +57,10 @@ def check(path: str | Path) -> Report:
         report.errors.append(str(exc))
         return report
     report.version = bundle.version
+    if not (bundle.path / DATA_FILE).is_file():
+        # Policies read their limits and lists from data: without it the
+        # reference policy denies everything, with reasons that mislead.
+        report.errors.append(f"has no {DATA_FILE} (write {{}} there if the policy needs no data)")
     try:
         policy = LoadedPolicy.from_bundle(bundle)
     except (BundleError, PolicyCompileError) as exc:
@@ -71,6 +75,22 @@ def check(path: str | Path) -> Report:
     _check_sample(policy, report)
     report.tests = run_tests(bundle)
     return report
+
+
+def require_sound(path: str | Path) -> Report:
+    """``check``, raising :class:`BundleError` (one line) when the bundle fails it.
+
+    Workers call this at start-up: a bundle ``sluice policy check`` rejects
+    would otherwise deny everything, or decide with a broken rule, in production.
+    """
+    report = check(path)
+    if report.ok:
+        return report
+    problems = [*report.errors, *(f"{t.name} {t.message}" for t in report.tests if not t.passed)]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise BundleError(
+        f"policy bundle {path} fails `sluice policy check {path}`: {problems[0]}{more}"
+    )
 
 
 def _check_inputs(bundle: Bundle, inputs: InputBuilder, report: Report) -> None:

@@ -21,6 +21,13 @@ import click
 from pydantic import ValidationError
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from sluicegate.cli_errors import (
+    debug_requested,
+    describe,
+    one_line,
+    traceback_text,
+    with_local_hint,
+)
 from sluicegate.settings import Settings
 
 # name -> "module:attribute" of a click command or group.
@@ -134,11 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(_one_line_usage_error(exc), err=True)
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"sluice: error: {exc.format_message()}", err=True)
+        click.echo(f"sluice: error: {with_local_hint(one_line(exc.format_message()))}", err=True)
         return exc.exit_code
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):
         click.echo("sluice: aborted", err=True)
         return 1
+    except Exception as exc:
+        # Every other failure, of every command: one line, never a traceback
+        # (unless SLUICE_DEBUG asks for one), see cli_errors.
+        failure = describe(exc)
+        if debug_requested():
+            click.echo(traceback_text(exc), err=True, nl=False)
+        click.echo(f"sluice: error: {failure.line}", err=True)
+        return failure.exit_code
     # standalone_mode=False returns ctx.exit()'s code, or the command's return value.
     return result if isinstance(result, int) else 0
 

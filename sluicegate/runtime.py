@@ -17,6 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from sluicegate import worker_log
 from sluicegate.settings import Settings, TransportName
 from sluicegate.streams.checkpoint import CheckpointStore
 from sluicegate.streams.partitioning import owned_partitions
@@ -97,6 +98,8 @@ async def run_steps(
     config: RunnerConfig | None = None,
 ) -> list[StepRunner]:
     """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats)."""
+    # A bundle `sluice policy check` rejects is refused before anything starts.
+    worker_log.vet_policies(steps)
     await require_migrated(settings)
     config = config or settings.runner_config()
     transport = make_transport(settings, kind)
@@ -117,10 +120,11 @@ async def run_steps(
                 step, transport, store, partitions=partitions, config=config, owner=owner
             )
             runners.append(runner)
-        # In parallel: on Kafka each step joins its own consumer group, and
-        # one after another the six groups took 6-7 s to start a worker.
-        await asyncio.gather(*(r.start() for r in runners))
-        await asyncio.gather(*(r.run(stop) for r in runners))
+        async with worker_log.reporting(runners, settings, transport, partitions=partitions):
+            # In parallel: on Kafka each step joins its own consumer group, and
+            # one after another the six groups took 6-7 s to start a worker.
+            await asyncio.gather(*(r.start() for r in runners))
+            await asyncio.gather(*(r.run(stop) for r in runners))
     finally:
         for runner in runners:
             await runner.close()
@@ -201,14 +205,17 @@ def configure_telemetry(
     port = settings.metrics_port if serve_metrics else None
     if port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+
+        from sluicegate import health
 
         # A registry of our own: no process-wide default collectors, and a
         # second configuration in one process does not collide with the first.
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         try:
-            server, _thread = start_http_server(port, addr=settings.metrics_host, registry=registry)
+            # /metrics, and the /healthz and /readyz probes beside it.
+            server = health.serve(settings.metrics_host, port, registry)
         except OSError as exc:
             telemetry.shutdown()
             raise OSError(

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1, le=1_000_000)
     commit_interval_ms: float = Field(default=2.0, ge=0, le=60_000)
     drain_timeout: float = Field(default=10.0, ge=0, le=3600)
+    # Seconds between a worker's progress lines (0: none).
+    progress_interval: float = Field(default=30.0, ge=0, le=86_400)
 
     # The local stack: where it keeps its files and which loopback ports it uses.
     home: Path = Path(".sluice")

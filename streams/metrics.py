@@ -113,6 +113,12 @@ class _Instruments:
             unit="{message}",
             description="Messages behind the end of the partition after the last batch",
         )
+        meter.create_observable_counter(
+            "sluice.step.skipped",
+            callbacks=[_observe_skipped],
+            unit="{event}",
+            description="Inputs skipped: at or below the stored offset, or on a stopped partition",
+        )
         meter.create_observable_gauge(
             "sluice.step.in_flight",
             callbacks=[_observe_load(0)],
@@ -134,6 +140,31 @@ def _observe_lag(options: CallbackOptions) -> Iterator[Observation]:
         yield Observation(lag, {STEP: step, DESTINATION: destination, PARTITION: partition})
 
 
+def _observe_skipped(options: CallbackOptions) -> Iterator[Observation]:
+    from opentelemetry.metrics import Observation
+
+    totals: dict[str, int] = {}
+    for step, read in list(_state.skipped.items()):
+        totals[step[0]] = totals.get(step[0], 0) + read()
+    for step_name, total in totals.items():
+        yield Observation(total, {STEP: step_name})
+
+
+def watch_skipped(step: str, read: Callable[[], int]) -> Callable[[], None]:
+    """Report ``read()`` (a runner's running total of skipped inputs) as ``step``'s.
+
+    Read at collection only, so counting a skip costs the runner nothing;
+    returns the function that stops watching (when the runner is done).
+    """
+    key = (step, id(read))
+    _state.skipped[key] = read
+
+    def stop() -> None:
+        _state.skipped.pop(key, None)
+
+    return stop
+
+
 def _observe_load(index: int) -> Callable[[CallbackOptions], Iterator[Observation]]:
     def observe(options: CallbackOptions) -> Iterator[Observation]:
         from opentelemetry.metrics import Observation
@@ -145,7 +176,7 @@ def _observe_load(index: int) -> Callable[[CallbackOptions], Iterator[Observatio
 
 
 class _State:
-    __slots__ = ("instruments", "lags", "load", "owned", "provider")
+    __slots__ = ("instruments", "lags", "load", "owned", "provider", "skipped")
 
     def __init__(self) -> None:
         self.instruments: _Instruments | None = None
@@ -155,6 +186,8 @@ class _State:
         self.lags: dict[tuple[str, str, str], int] = {}
         # The latest (in flight, deepest key queue) per step, read at collection.
         self.load: dict[str, tuple[int, int]] = {}
+        # Per (step, watcher id): how to read a runner's skipped total.
+        self.skipped: dict[tuple[str, int], Callable[[], int]] = {}
 
 
 _state = _State()

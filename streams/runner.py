@@ -281,6 +281,8 @@ class StepRunner:
         # stopped (nothing processed) until an operator resets them.
         self._stopped: set[TopicPartition] = set()
         self._seeks: dict[TopicPartition, int] = {}
+        # Whether the transport has assigned partitions yet (for readiness).
+        self._assigned = False
         self._sub: Subscription | None = None
         self._outputs = frozenset(processor.outputs)
         self._has_tick = processor.ticks
@@ -316,6 +318,16 @@ class StepRunner:
     def in_flight(self) -> int:
         """Inputs fetched and not yet checkpointed."""
         return self._in_flight
+
+    @property
+    def ready(self) -> bool:
+        """Subscribed, assigned its partitions (or a static set) and done loading them."""
+        assigned = self._assigned or self.partitions is not None
+        return self._sub is not None and assigned and not self._loading
+
+    def positions(self) -> dict[TopicPartition, int | None]:
+        """The partitions owned now, each with its stored offset (None: nothing done yet)."""
+        return {tp: self._offsets.get(tp) for tp in sorted(self._owned)}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -528,6 +540,7 @@ class StepRunner:
         # (the failure stops the runner through the next fetch).
         self._loading -= tps
         self._update_admitting()
+        self._assigned = True
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
         # Nothing new is admitted from them: the next owner fetches it.

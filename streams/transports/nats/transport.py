@@ -157,7 +157,10 @@ class NatsTransport:
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
-        log.warning("NATS %s: %r", self.url, exc)
+        # During the first connect, connect() reports the last error itself,
+        # in one line; logging each retry too would print it twice or more.
+        if self._nc is not None:
+            log.warning("NATS %s: %r", self.url, exc)
 
     async def _on_disconnected(self) -> None:
         if self._nc is not None:  # not while close() drains

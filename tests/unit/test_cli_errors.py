@@ -1,0 +1,79 @@
+"""The one error path: every failure is one line, with the right exit code and a hint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sluicegate.cli import main
+from sluicegate.cli_errors import describe, redact
+from sluicegate.policy.bundle import BundleError
+from sluicegate.policy.lint import require_sound
+from sluicegate.policy.testing import copy_reference_bundle
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("SLUICE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SLUICE_HOME", str(tmp_path / "home"))
+
+
+def test_unreachable_default_postgres_says_run_local_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing listens on this local-stack port in the tests.
+    monkeypatch.setenv("SLUICE_LOCAL_POSTGRES_PORT", "1")
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "sluice: error: cannot connect to Postgres at postgresql://postgres@127.0.0.1:1/postgres: "
+    )
+    assert err[0].endswith("run `sluice local up` (or set SLUICE_DATABASE_URL)")
+
+
+def test_unreachable_configured_nats_has_no_local_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLUICE_NATS_URL", "nats://127.0.0.1:1")
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("sluice: error: cannot connect to NATS at nats://127.0.0.1:1")
+    assert "local up" not in err[0]
+
+
+def test_missing_policy_bundle_is_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SLUICE_POLICY_BUNDLE", str(tmp_path / "nowhere"))
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sluice: error: policy bundle {tmp_path / 'nowhere'} is not a directory"]
+
+
+def test_a_bug_is_one_line_naming_the_exception() -> None:
+    failure = describe(KeyError("x"))
+    assert failure.exit_code == 1
+    assert failure.line == "KeyError: 'x' (SLUICE_DEBUG=1 shows the traceback)"
+
+
+def test_passwords_never_reach_the_line() -> None:
+    assert redact("postgresql://u:secret@h:1/db") == "postgresql://u:***@h:1/db"
+
+
+def test_a_worker_refuses_a_bundle_without_data(tmp_path: Path) -> None:
+    bundle = copy_reference_bundle(tmp_path / "bundle")
+    (bundle / "data.json").unlink()
+    with pytest.raises(BundleError, match=r"fails `sluice policy check .*`: has no data.json"):
+        require_sound(bundle)
+
+
+def test_the_reference_bundle_is_sound() -> None:
+    from sluicegate.policy.bundle import default_bundle_path
+
+    assert require_sound(default_bundle_path()).ok
