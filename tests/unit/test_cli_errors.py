@@ -77,3 +77,14 @@ def test_the_reference_bundle_is_sound() -> None:
     from sluicegate.policy.bundle import default_bundle_path
 
     assert require_sound(default_bundle_path()).ok
+
+
+def test_a_missing_extra_names_the_extra_to_install() -> None:
+    exc = ModuleNotFoundError("No module named 'hdrh'", name="hdrh.histogram")
+    failure = describe(exc)
+    assert failure.exit_code == 2
+    assert "[bench] extra" in failure.line
+    assert "pip install 'sluicegate[bench]'" in failure.line
+    # Someone else's missing module is not ours to explain.
+    other = describe(ModuleNotFoundError("No module named 'foo'", name="foo"))
+    assert "extra" not in other.line

