@@ -1,5 +1,7 @@
 """Helpers for testing steps: one ``process()`` call by hand, or steps on the real runner.
 
+Users reach this as :mod:`sluicegate.testing`.
+
 - :func:`make_event` and :func:`context_for` build an input and the
   ``Context`` the runner would hand over, to unit-test one step's
   ``process()`` directly.
@@ -9,14 +11,17 @@
   the actual commit protocol: decoding and validation against ``accepts``,
   dead letters, retries, dedupe by event id, keyed state stored as canonical
   JSON, audit rows and results written with the offsets. It adds nothing of
-  its own beyond driving the runners until nothing is left to consume.
+  its own beyond driving the runners until nothing is left to consume. It
+  takes a :class:`~agents.graph.Pipeline` or a list of steps.
+- :class:`StubChat` stands in for the model client: a step written against
+  ``ChatClient`` gets canned replies, and the test sees what it asked.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import TracebackType
@@ -25,6 +30,8 @@ from typing import Any
 import orjson
 
 from sluicegate.agents import topics
+from sluicegate.agents.graph import Pipeline
+from sluicegate.agents.model_client import CallReport, ChatResult
 from sluicegate.agents.schemas import TASK_COMPLETED
 from sluicegate.streams.checkpoint import MemoryCheckpointStore
 from sluicegate.streams.codec import DecodeError, decode, encode, headers_for
@@ -75,8 +82,28 @@ def context_for(
     )
 
 
+class StubChat:
+    """A ``ChatClient`` answering from ``reply`` (text, or a function of the messages).
+
+    ``calls`` keeps each request's model and messages, so a test can check
+    what the step asked.
+    """
+
+    def __init__(self, reply: str | Callable[[Sequence[Mapping[str, Any]]], str]) -> None:
+        self._reply = reply
+        self.calls: list[tuple[str, list[Mapping[str, Any]]]] = []
+
+    async def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> ChatResult:
+        self.calls.append((model, list(messages)))
+        text = self._reply if isinstance(self._reply, str) else self._reply(messages)
+        body = {"model": model, "choices": [{"message": {"role": "assistant", "content": text}}]}
+        return ChatResult(body, CallReport(model=model, usage=None, attempts=1, latency_s=0.0))
+
+
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetterMessage:
     """One message on ``dlq``: the original bytes, and the runner's headers saying why."""
 
     message: Message
@@ -128,12 +155,14 @@ class MemoryPipeline:
 
     def __init__(
         self,
-        steps: Sequence[Processor],
+        steps: Pipeline | Sequence[Processor],
         *,
         partitions: int = 4,
         config: RunnerConfig | None = None,
         prefix: str = "test",
     ) -> None:
+        if isinstance(steps, Pipeline):
+            steps = steps.steps
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise ValueError(f"step names must be unique: {names}")
@@ -268,8 +297,8 @@ class MemoryPipeline:
         decoded = [decode(m.value) for m in await self.messages(topic)]
         return [e for e in decoded if type is None or e.type == type]
 
-    async def dead_letters(self) -> list[DeadLetter]:
-        return [DeadLetter(m) for m in await self.messages(DLQ_TOPIC)]
+    async def dead_letters(self) -> list[DeadLetterMessage]:
+        return [DeadLetterMessage(m) for m in await self.messages(DLQ_TOPIC)]
 
     @property
     def audit(self) -> list[AuditRecord]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from typing import Any, cast
 import click
 
 from sluicegate.cli import load_settings
+from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline
+from sluicegate.loading import ENV_PIPELINE, pipeline_spec
+from sluicegate.pipeline import DEFAULT_PIPELINE
 from sluicegate.settings import Settings, TransportName
 
 TRANSPORTS: tuple[TransportName, ...] = ("nats", "kafka")
@@ -214,6 +218,31 @@ async def _meta(settings: Settings, options: BenchOptions, extra: dict[str, Any]
     }
 
 
+def _choose_pipeline(spec: str | None, model_latency_ms: float | None) -> None:
+    """Check the pipeline pipeline mode is to run; its worker reads it from SLUICE_PIPELINE.
+
+    The mode publishes reference tasks and times their ``task.completed``
+    results, so a pipeline of its own must take and answer those.
+    """
+    if not (spec or os.environ.get(ENV_PIPELINE, "").strip()):
+        return
+    chosen = pipeline_spec(spec)
+    app = resolve_pipeline(chosen)
+    takes_tasks = "task.submitted" in app.upstream.get("tasks", {})
+    if not takes_tasks or "results" not in app.topics:
+        raise click.BadParameter(
+            f"{chosen}: pipeline mode publishes task.submitted on tasks and times task.completed "
+            "on results; this pipeline does not take tasks or answer on results",
+            param_hint="'--pipeline'",
+        )
+    if model_latency_ms is not None and chosen != DEFAULT_PIPELINE:
+        raise click.UsageError(
+            "--model-latency slows the reference planner's model; it does not apply to --pipeline"
+        )
+    # The worker (a `sluice run` child, or run_steps in this process) runs this one.
+    os.environ[ENV_PIPELINE] = chosen
+
+
 def _parse_kinds(text: str) -> tuple[TransportName, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in TRANSPORTS]
@@ -324,6 +353,7 @@ def _parse_sizes(text: str | None, size: int) -> tuple[int, ...]:
         "4 x rate x mean model delay)."
     ),
 )
+@pipeline_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(
@@ -340,6 +370,7 @@ def bench(
     model_latency_ms: float | None,
     model_sigma: float,
     sessions: int | None,
+    pipeline_spec: str | None,
     json_path: Path | None,
     plot_path: Path | None,
 ) -> int:
@@ -354,11 +385,19 @@ def bench(
     (>= 0.9 at 200 ms, >= 0.8 at 2 s). Uses SLUICE_NATS_URL,
     SLUICE_KAFKA_BOOTSTRAP, SLUICE_DATABASE_URL (step and pipeline modes) and
     SLUICE_PARTITIONS; everything it creates lives under a unique prefix (and
-    schema) and is deleted afterwards.
+    schema) and is deleted afterwards. Pipeline mode runs the reference pipeline,
+    or --pipeline MODULE:ATTR (SLUICE_PIPELINE) if it takes task.submitted on
+    tasks and answers task.completed on results as the reference does.
     """
     kinds = _parse_kinds(transports)
-    if mode != "pipeline":
-        for flag, value in (("--model-latency", model_latency_ms), ("--sessions", sessions)):
+    if mode == "pipeline":
+        _choose_pipeline(pipeline_spec, model_latency_ms)
+    else:
+        for flag, value in (
+            ("--model-latency", model_latency_ms),
+            ("--sessions", sessions),
+            ("--pipeline", pipeline_spec),
+        ):
             if value is not None:
                 raise click.UsageError(f"{flag} applies to --mode pipeline only")
     runner = MODES.get(mode)

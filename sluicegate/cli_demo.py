@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import click
+import orjson
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sluicegate.agents.graph import Pipeline
 from sluicegate.cli import load_settings, transport_option
+from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline
 from sluicegate.demo import DemoOutcome, run_demo
+from sluicegate.loading import ENV_PIPELINE
 from sluicegate.pipeline import check_step_settings
 from sluicegate.runtime import configure_telemetry
 from sluicegate.samples import DEMO
+from sluicegate.settings import Settings
 
 
 @click.command("demo")
 @transport_option
+@pipeline_option
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for results.")
-def demo(transport: str | None, timeout: float) -> None:
+def demo(transport: str | None, pipeline_spec: str | None, timeout: float) -> None:
     """The whole pipeline on the local stack, with sample tasks and a summary.
+
+    With --pipeline MODULE:ATTR (or SLUICE_PIPELINE), that pipeline runs
+    instead, on the samples it carries (Pipeline(samples=...)); each sample
+    is done when a step stored a result for it (ctx.result with the sample's
+    event id as task id).
 
     Starts what SLUICE_* does not configure, runs every step in this process,
     publishes tasks (some denied or redacted by policy) and one malformed
@@ -30,6 +42,9 @@ def demo(transport: str | None, timeout: float) -> None:
     summary, and leaves nothing running. Exit 0 when all of that held.
     """
     settings = load_settings(transport=transport)
+    if pipeline_spec or os.environ.get(ENV_PIPELINE, "").strip():
+        _demo_pipeline(settings, resolve_pipeline(pipeline_spec), timeout)
+        return
     try:
         # The demo builds its steps inside the event loop, where a bad
         # SLUICE_LLM_* value would end in a traceback: check them first.
@@ -58,6 +73,39 @@ def demo(transport: str | None, timeout: float) -> None:
     finally:
         telemetry.shutdown()
     render(console, outcome, spans)
+    if not outcome.ok:
+        raise click.exceptions.Exit(1)
+
+
+def _demo_pipeline(settings: Settings, app: Pipeline, timeout: float) -> None:
+    from sluicegate.demo_pipeline import SampleError, run_pipeline_demo
+
+    console = Console(highlight=False, width=None if Console().is_terminal else 140)
+    logging.basicConfig(level=logging.ERROR)
+    console.print(f"[bold]sluicegate demo[/bold] of {app.name} on {settings.transport}")
+    try:
+        outcome = asyncio.run(
+            run_pipeline_demo(
+                settings, app, transport=settings.transport, timeout_s=timeout, say=console.print
+            )
+        )
+    except SampleError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--pipeline'") from None
+    table = Table(title="Results", title_justify="left")
+    for column in ("topic", "session", "status", "answer"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=60)
+    for topic, event in outcome.published:
+        result = outcome.results.get(event.id)
+        answer = escape(orjson.dumps(result.answer).decode()) if result else ""
+        status = result.status if result else "[red]missing[/red]"
+        table.add_row(topic, event.session, status, answer)
+    console.print(table)
+    letters = "; ".join(f"{k} x{n}" for k, n in outcome.dead_letters.items()) or "none"
+    chains = "intact" if outcome.chains_ok else f"[red]BROKEN[/red]: {outcome.chain_problem}"
+    console.print(f"dead letters: {escape(letters)}")
+    console.print(f"audit: {outcome.audit_rows} rows, chains {chains}")
+    console.print(f"took {outcome.elapsed_s:.1f} s")
+    console.print(f"demo {'[green]OK[/green]' if outcome.ok else '[red]FAILED[/red]'}")
     if not outcome.ok:
         raise click.exceptions.Exit(1)
 

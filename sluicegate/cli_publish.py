@@ -13,6 +13,7 @@ Exit codes: 0 every line published; 1 a line was rejected (or, with
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,10 @@ from typing import Any
 
 import click
 
+from sluicegate.agents.graph import Pipeline
 from sluicegate.cli import load_settings, transport_option
+from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline
+from sluicegate.loading import ENV_PIPELINE
 from sluicegate.pipeline import TOPICS
 from sluicegate.publishing import (
     Item,
@@ -35,6 +39,7 @@ from sluicegate.publishing import (
 from sluicegate.runtime import configure_telemetry, make_transport
 from sluicegate.samples import generate
 from sluicegate.settings import Settings
+from sluicegate.streams.dead_letters import DLQ_TOPIC
 from sluicegate.streams.transport import TransportError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
@@ -42,14 +47,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd comm
 
 @click.command("publish")
 @transport_option
+@pipeline_option
 @click.option(
     "--topic",
-    type=click.Choice(TOPICS),
-    default="tasks",
-    show_default=True,
+    default=None,
     metavar="TOPIC",
-    help="Topic to publish into. On tasks, data must be a task.submitted; "
-    "on others only the envelope is checked and type is required.",
+    help="Topic to publish into (default: the pipeline's upstream topic; tasks for the "
+    "reference pipeline). On an upstream topic data must fit the pipeline's schema for "
+    "its type; on others only the envelope is checked and type is required.",
 )
 @click.option(
     "--rate",
@@ -79,7 +84,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd comm
 )
 def publish(
     transport: str | None,
-    topic: str,
+    pipeline_spec: str | None,
+    topic: str | None,
     rate: float | None,
     generate_n: int | None,
     strict: bool,
@@ -106,12 +112,16 @@ def publish(
         raise click.UsageError("give FILE (or -) or --generate N, not both")
     if generate_n is None and file is None:
         raise click.UsageError("missing FILE: give a JSON-lines file, - for stdin, or --generate N")
+    app = _pipeline(pipeline_spec)
+    topic = _topic(app, topic)
+    if generate_n is not None and topic != "tasks":
+        raise click.UsageError("--generate makes reference tasks, for the tasks topic only")
     settings = load_settings(transport=transport)
     # With SLUICE_OTLP_ENDPOINT set, each event starts its task's trace; spans
     # are exported (never served: this command is short-lived) and flushed at the end.
     telemetry = configure_telemetry(settings)
     try:
-        stats = _publish(settings, topic, rate, strict, file, generate_n)
+        stats = _publish(settings, topic, rate, strict, file, generate_n, app)
         # Before the telemetry flush, which may take seconds if the collector is away.
         click.echo(stats.summary(), err=True)
         if stats.stopped_at is not None:
@@ -134,6 +144,7 @@ def _publish(
     strict: bool,
     file: str | None,
     generate_n: int | None,
+    app: Pipeline | None,
 ) -> PublishStats:
     """Run the publishing; an interrupt or a broker failure ends the command here."""
     stats = PublishStats()
@@ -154,6 +165,7 @@ def _publish(
                     strict=strict,
                     on_reject=report,
                     on_sent=bar.update if bar is not None else lambda n: None,
+                    pipeline=app,
                 )
             )
         except KeyboardInterrupt:
@@ -165,6 +177,33 @@ def _publish(
                 f"{exc} ({stats.published} events were published before the failure)"
             ) from None
     return stats
+
+
+def _pipeline(spec: str | None) -> Pipeline | None:
+    """The pipeline --pipeline or SLUICE_PIPELINE names; None: the reference's tasks.
+
+    The reference pipeline is not built for publishing: its steps read model
+    settings that have nothing to do with what upstream may publish.
+    """
+    if not (spec or os.environ.get(ENV_PIPELINE, "").strip()):
+        return None
+    return resolve_pipeline(spec)
+
+
+def _topic(app: Pipeline | None, topic: str | None) -> str:
+    """``--topic``, or the pipeline's (first) upstream topic; one of its topics either way."""
+    topics = (*app.topics, DLQ_TOPIC) if app is not None else TOPICS
+    if topic is None:
+        upstream = list(app.upstream) if app is not None else ["tasks"]
+        if not upstream:
+            raise click.UsageError("the pipeline has no upstream topic: give --topic")
+        return upstream[0]
+    if topic not in topics:
+        raise click.BadParameter(
+            f"{topic!r} is not a topic of the pipeline ({', '.join(map(repr, topics))})",
+            param_hint="'--topic'",
+        )
+    return topic
 
 
 def _input(file: str | None, generate_n: int | None) -> AsyncGenerator[list[Item] | None, None]:

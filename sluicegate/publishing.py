@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from sluicegate.agents.graph import Pipeline
 from sluicegate.agents.schemas import TASK_SUBMITTED
 from sluicegate.agents.topics import TASKS
 from sluicegate.pipeline import task_registry
@@ -446,20 +447,32 @@ def line_limit(max_bytes: int = DEFAULT_MAX_BYTES) -> int:
 
 
 def make_publisher(
-    transport: Transport, *, topic: str, batch_size: int = DEFAULT_BATCH
+    transport: Transport,
+    *,
+    topic: str,
+    batch_size: int = DEFAULT_BATCH,
+    pipeline: Pipeline | None = None,
 ) -> Publisher:
-    """A publisher for ``topic``: on ``tasks``, the ``task.submitted`` schema and type default.
+    """A publisher for ``topic``, validating against the pipeline's upstream schemas.
 
-    Other topics carry the pipeline's own event types, so only the envelope is
-    checked there and ``type`` must be given.
+    On an upstream topic of ``pipeline`` the data must fit the schema of its
+    type, and ``type`` defaults to the topic's only type if it has one.
+    Other topics carry the steps' own event types, so only the envelope is
+    checked there and ``type`` must be given. Without ``pipeline``: the
+    reference pipeline's ``tasks`` and ``task.submitted``.
     """
-    is_tasks = topic == TASKS
+    if pipeline is not None:
+        default_type, registry = pipeline.default_type(topic), pipeline.registry(topic)
+    elif topic == TASKS:
+        default_type, registry = TASK_SUBMITTED, task_registry()
+    else:
+        default_type, registry = None, None
     return Publisher(
         transport,
         topic=topic,
         source="sluicegate/publish",
-        default_type=TASK_SUBMITTED if is_tasks else None,
-        registry=task_registry() if is_tasks else None,
+        default_type=default_type,
+        registry=registry,
         batch_size=batch_size,
         # No before_send: with tracing on (runtime.configure_telemetry), the
         # Publisher applies streams.tracing.publish_hook itself, so each event
@@ -477,13 +490,14 @@ async def run_publish(
     strict: bool = False,
     on_reject: Callable[[Rejection], None] = lambda r: None,
     on_sent: Callable[[int], None] = lambda n: None,
+    pipeline: Pipeline | None = None,
 ) -> PublishStats:
     """Connect, make sure ``topic`` exists, publish ``chunks`` into it, close."""
     await transport.connect()
     try:
         # Upstream may publish before any worker has run (and created the topics).
         await transport.ensure_topics([topic])
-        publisher = make_publisher(transport, topic=topic)
+        publisher = make_publisher(transport, topic=topic, pipeline=pipeline)
         return await publish_stream(
             publisher, chunks, stats, rate=rate, strict=strict, on_reject=on_reject, on_sent=on_sent
         )

@@ -93,7 +93,8 @@ from sluicegate.bench.model_standin import (
     StandinStats,
 )
 from sluicegate.bench.rss import RssSampler, RssSeries
-from sluicegate.pipeline import TOPICS, build_steps, task_registry
+from sluicegate.loading import load_pipeline, pipeline_spec
+from sluicegate.pipeline import TOPICS, task_registry
 from sluicegate.policy.gate import PolicyGate
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.samples import generate
@@ -558,7 +559,7 @@ class InProcessWorker:
             env = {**os.environ, **self.extra_env}
             steps = reference_steps(planner=make_planner(env), make_gate=PolicyGate)
         else:
-            steps = build_steps()
+            steps = list(load_pipeline(pipeline_spec(None)).steps)
         self._task = asyncio.create_task(
             run_steps(steps, self.settings, stop=self._stop, kind=self.kind)
         )
@@ -875,7 +876,7 @@ def pipeline_settings(rate: float, worker: WorkerKind, sessions: int = SESSIONS)
         "sessions": sessions,
         "warmup_rule": WARMUP_RULE,
         "sustained_share": SUSTAINED_SHARE,
-        "steps": [step.name for step in build_steps()],
+        "steps": load_pipeline(pipeline_spec(None)).step_names,
     }
 
 
