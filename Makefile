@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint unit integration bench clean
+.PHONY: demo example test lint unit integration bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sluicegate needs Python 3.11 or newer; found " + sys.version.split()[0])'
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/sluice demo
+
+# The example app (examples/triage) on the local stack, with its sample tickets.
+example: $(STAMP)
+	cd examples/triage && $(abspath $(BIN))/sluice demo --pipeline triage.app:pipeline
 
 test: $(STAMP) lint
 	$(BIN)/pytest

@@ -1,0 +1,1 @@
+"""Support-ticket triage: a small sluicegate app (see ../README.md)."""
