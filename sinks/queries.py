@@ -57,7 +57,7 @@ from sluicegate.sinks.audit import ChainBreak, ChainVerifier, StoredHead
 
 Conn = psycopg.AsyncConnection[Any]
 
-AUDIT_KINDS = ("processed", "decision", "dead_letter", "shadow_divergence")
+AUDIT_KINDS = ("processed", "decision", "dead_letter", "shadow_divergence", "dlq_replay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +219,14 @@ async def audit_by_kind(
     tenant: str | None = None,
     session: str | None = None,
     limit: int | None = None,
+    since: datetime | None = None,
 ) -> list[AuditRow]:
-    """Audit rows of one ``kind`` (see ``AUDIT_KINDS``), oldest first."""
+    """Audit rows of one ``kind`` (see ``AUDIT_KINDS``), oldest first; ``since``: from then on."""
     _check_kind(kind)
     where, params = _where([("kind", kind), ("tenant", tenant), ("session", session)])
+    if since is not None:
+        where += sql.SQL(" AND time >= %s")
+        params.append(since)
     query = (
         sql.SQL("SELECT {} FROM audit_log").format(_AUDIT_COLUMNS)
         + where

@@ -185,6 +185,20 @@ ORDER BY seq DESC
 LIMIT %b
 """
 
+# Of the same recent rows, the ids whose latest row is a dead letter.
+_LOAD_DEAD_LETTERED_IDS = """
+SELECT event_id FROM (
+    SELECT DISTINCT ON (event_id) event_id, kind FROM (
+        SELECT event_id, kind, seq FROM audit_log
+        WHERE chain_step = %b AND chain_partition = %b AND step = %b AND kind = ANY(%b::text[])
+        ORDER BY seq DESC
+        LIMIT %b
+    ) recent
+    ORDER BY event_id, seq DESC
+) latest
+WHERE kind = 'dead_letter'
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class CommitOutcome:
@@ -335,6 +349,15 @@ class PostgresCheckpointStore:
         async with self._session() as conn:
             cur = await conn.execute(
                 _LOAD_RECENT_IDS, (step, partition, step, list(INPUT_KINDS), limit)
+            )
+            return {event_id for (event_id,) in await cur.fetchall()}
+
+    async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        if limit <= 0:
+            return set()
+        async with self._session() as conn:
+            cur = await conn.execute(
+                _LOAD_DEAD_LETTERED_IDS, (step, partition, step, list(INPUT_KINDS), limit)
             )
             return {event_id for (event_id,) in await cur.fetchall()}
 

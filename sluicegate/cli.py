@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "bench": "sluicegate.cli_bench:bench",
     "db": "sluicegate.cli_db:db",
     "demo": "sluicegate.cli_demo:demo",
+    "dlq": "sluicegate.cli_dlq:dlq",
     "local": "sluicegate.cli_local:local",
     "offsets": "sluicegate.cli_offsets:offsets",
     "policy": "sluicegate.cli_policy:policy",

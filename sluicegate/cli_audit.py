@@ -184,7 +184,7 @@ class SinceType(click.ParamType):
 
 
 @audit.command("show")
-@click.option("--session", required=True, help="The session whose timeline to show.")
+@click.option("--session", default=None, help="The session whose timeline to show.")
 @click.option("--tenant", default=None, help="Only this tenant's rows.")
 @click.option(
     "--kind", type=click.Choice(AUDIT_KINDS), default=None, help="Only rows of this kind."
@@ -195,23 +195,38 @@ class SinceType(click.ParamType):
     default=None,
     help="Only rows from then on: a duration ago (15m, 2h, 3d) or an ISO time.",
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="At most N rows, without --session.",
+)
 @_schema_option
 @_json_option
 def show_command(
-    session: str,
+    session: str | None,
     tenant: str | None,
     kind: str | None,
     since: datetime | None,
+    limit: int,
     schema: str | None,
     as_json: bool,
 ) -> None:
-    """Print a session's audit timeline, oldest first.
+    """Print a session's audit timeline, or every row of one --kind, oldest first.
 
-    A table (time, step, kind, event type, decision, policy version, trace
-    id, reasons), or with --json one JSON object per row with every column.
+    Give --session, or --kind (e.g. --kind dead_letter) to see that kind
+    across sessions. A table (time, step, kind, event type, task or event
+    id, decision, policy version, trace id, reasons), or with --json one JSON
+    object per row with every column.
     """
+    if session is None and kind is None:
+        raise click.UsageError("give --session S, or --kind K to list one kind across sessions")
 
     async def fetch(conn: Conn) -> list[AuditRow]:
+        if session is None:
+            assert kind is not None
+            return await queries.audit_by_kind(conn, kind, tenant=tenant, since=since, limit=limit)
         return await queries.session_audit(conn, session, tenant=tenant, kind=kind, since=since)
 
     rows = _run(schema, fetch)
@@ -220,13 +235,24 @@ def show_command(
             click.echo(row_json(row))
         return
     if not rows:
-        click.echo(f"no audit rows for session {session!r} with these filters", err=True)
+        what = f"session {session!r}" if session is not None else f"kind {kind}"
+        click.echo(f"no audit rows for {what} with these filters", err=True)
         return
     for line in format_table(rows):
         click.echo(line)
 
 
-_HEADERS = ("TIME", "STEP", "KIND", "EVENT TYPE", "DECISION", "POLICY", "TRACE ID", "REASONS")
+_HEADERS = (
+    "TIME",
+    "STEP",
+    "KIND",
+    "EVENT TYPE",
+    "TASK/EVENT ID",
+    "DECISION",
+    "POLICY",
+    "TRACE ID",
+    "REASONS",
+)
 
 
 def format_table(rows: Sequence[AuditRow]) -> list[str]:
@@ -249,12 +275,19 @@ def _cells(row: AuditRow) -> tuple[str, ...]:
         _time_text(row.time),
         row.step,
         row.kind,
-        row.event_type,
+        row.event_type or "-",
+        _task_or_event(row),
         row.decision or "-",
         _short_version(row.policy_version),
         row.trace_id or "-",
         "; ".join(row.reasons) or "-",
     )
+
+
+def _task_or_event(row: AuditRow) -> str:
+    """The task a row is about when it says (the id an upstream system knows), else its event."""
+    task = row.detail.get("task_id") if isinstance(row.detail, dict) else None
+    return f"task {task}" if isinstance(task, str) and task else row.event_id
 
 
 def _time_text(value: datetime) -> str:

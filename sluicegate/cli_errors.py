@@ -74,7 +74,7 @@ def _known(exc: BaseException) -> Failure | None:
     extra = missing_extra(exc)
     if extra is not None:
         return Failure(
-            f"this needs the [{extra}] extra ({exc.name} is not installed): "
+            f"this needs the [{extra}] extra ({getattr(exc, 'name', '?')} is not installed): "
             f"pip install 'sluicegate[{extra}]'",
             2,
         )

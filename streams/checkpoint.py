@@ -101,6 +101,14 @@ class CheckpointStore(Protocol):
         """
         ...
 
+    async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        """Those of ``load_recent_ids`` whose latest row is a dead letter.
+
+        A replayed dead letter (``sluice dlq replay``) of one of these is
+        processed; a replay of an id processed since is absorbed.
+        """
+        ...
+
     async def commit(self, batch: CommitBatch) -> None:
         """Write the batch in one transaction, or raise ``StaleBatchError``."""
         ...
@@ -167,6 +175,15 @@ class MemoryCheckpointStore:
             if p == partition and r.step == step and r.kind in INPUT_KINDS
         ]
         return set(ids[-limit:]) if limit > 0 else set()
+
+    async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        latest: dict[str, str] = {}
+        rows = [
+            r for p, r in self.audit if p == partition and r.step == step and r.kind in INPUT_KINDS
+        ]
+        for row in rows[-limit:] if limit > 0 else []:
+            latest[row.event_id] = row.kind
+        return {event_id for event_id, kind in latest.items() if kind == "dead_letter"}
 
     async def commit(self, batch: CommitBatch) -> None:
         for tp, epoch in batch.epochs.items():

@@ -73,6 +73,7 @@ from sluicegate.streams.dead_letters import (
     H_DLQ_REASON,
     H_DLQ_SOURCE,
     H_DLQ_STEP,
+    H_REPLAY,
     dead_letter,
 )
 from sluicegate.streams.envelope import Event
@@ -188,16 +189,22 @@ class RunnerStats:
 
 
 class _Dedupe:
-    """A bounded set of recent ids for one partition."""
+    """A bounded set of recent ids for one partition, and which of them were dead-lettered.
 
-    __slots__ = ("_limit", "_order", "_seen")
+    ``dead`` holds the ids whose latest fate in this step is a dead letter:
+    a replay of one of those (``sluice dlq replay``) is processed, every
+    other copy of a seen id is absorbed.
+    """
 
-    def __init__(self, limit: int, initial: Iterable[str] = ()) -> None:
+    __slots__ = ("_limit", "_order", "_seen", "dead")
+
+    def __init__(self, limit: int, initial: Iterable[str] = (), dead: Iterable[str] = ()) -> None:
         self._limit = limit
         self._seen: set[str] = set()
         self._order: deque[str] = deque()
         for item in initial:
             self.add(item)
+        self.dead: set[str] = {item for item in dead if item in self._seen}
 
     def __contains__(self, item: str) -> bool:
         return item in self._seen
@@ -208,7 +215,22 @@ class _Dedupe:
         self._seen.add(item)
         self._order.append(item)
         if len(self._order) > self._limit:
-            self._seen.discard(self._order.popleft())
+            gone = self._order.popleft()
+            self._seen.discard(gone)
+            self.dead.discard(gone)
+
+    def absorbs(self, item: str, replay: bool) -> bool:
+        """Whether a message with id ``item`` is a copy to absorb.
+
+        A replay is let through once when the id was dead-lettered: from
+        then on it is in flight (or done), so a second copy is absorbed.
+        """
+        if item not in self._seen:
+            return False
+        if replay and item in self.dead:
+            self.dead.discard(item)
+            return False
+        return True
 
 
 class _Poison(Exception):
@@ -634,7 +656,8 @@ class StepRunner:
             self._states[key] = blob
         for partition in partitions:
             recent = await self.store.load_recent_ids(name, partition, self.config.recent_ids)
-            self._dedupe[partition] = _Dedupe(self.config.recent_ids, recent)
+            dead = await self.store.load_dead_lettered_ids(name, partition, self.config.recent_ids)
+            self._dedupe[partition] = _Dedupe(self.config.recent_ids, recent, dead)
         for tp in tps:
             if tp in offsets:
                 self._offsets[tp] = offsets[tp]
@@ -789,7 +812,8 @@ class StepRunner:
         if dedupe is None:
             dedupe = self._dedupe[msg.partition] = _Dedupe(self.config.recent_ids)
         event_id = msg.headers.get("ce_id")
-        if event_id is not None and event_id in dedupe:
+        replay = H_REPLAY in msg.headers
+        if event_id is not None and event_id in dedupe and not (replay and event_id in dedupe.dead):
             self._absorb(slot)
             return
         try:
@@ -797,7 +821,7 @@ class StepRunner:
         except DecodeError as exc:
             self._dead_letter(slot, exc.reason, exc, event=None)
             return
-        if event.id in dedupe:
+        if dedupe.absorbs(event.id, replay):
             self._absorb(slot)
             return
         # Seen from now on: a copy arriving while this one is in flight is
@@ -980,6 +1004,11 @@ class StepRunner:
             hop.dead_letter(reason, error)
         msg = slot.msg
         out, row = dead_letter(msg, self.processor.name, reason, error, event)
+        if event is not None:
+            # Its latest fate: a replay of it (sluice dlq replay) is processed.
+            dedupe = self._dedupe.get(msg.partition)
+            if dedupe is not None and event.id in dedupe:
+                dedupe.dead.add(event.id)
         self._pending.produce.append(out)
         self._pending.batch.audit.append((msg.partition, row))
         self.stats.dead_letters += 1

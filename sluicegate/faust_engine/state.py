@@ -153,6 +153,9 @@ class MirroredStore:
     async def load_recent_ids(self, step: str, partition: int, limit: int) -> set[str]:
         return await self.inner.load_recent_ids(step, partition, limit)
 
+    async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
+        return await self.inner.load_dead_lettered_ids(step, partition, limit)
+
     async def commit(self, batch: CommitBatch) -> None:
         await self.inner.commit(batch)
         # After the transaction only: the table must never be ahead of Postgres.

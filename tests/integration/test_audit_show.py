@@ -115,6 +115,8 @@ async def test_show_prints_an_aligned_timeline(capsys: pytest.CaptureFixture[str
         "KIND",
         "EVENT",
         "TYPE",
+        "TASK/EVENT",
+        "ID",
         "DECISION",
         "POLICY",
         "TRACE",
@@ -123,14 +125,15 @@ async def test_show_prints_an_aligned_timeline(capsys: pytest.CaptureFixture[str
     ]
     assert len(lines) == 4
     # Aligned: every column starts where its header does.
-    for column in ("STEP", "KIND", "EVENT TYPE", "DECISION", "POLICY", "TRACE ID", "REASONS"):
+    columns = ("STEP", "KIND", "EVENT TYPE", "TASK/EVENT ID", "DECISION", "POLICY", "TRACE ID")
+    for column in (*columns, "REASONS"):
         start = header.index(column)
         assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines)
-    assert [line.split()[1:4] for line in lines] == [
-        ["intake", "processed", "task.created"],
-        ["intake", "dead_letter", "unknown"],
-        ["gate", "decision", "action.proposed"],
-        ["gate", "decision", "action.proposed"],
+    assert [line.split()[1:5] for line in lines] == [
+        ["intake", "processed", "task.created", "task-1"],
+        ["intake", "dead_letter", "unknown", "bad-1"],
+        ["gate", "decision", "action.proposed", "act-1"],
+        ["gate", "decision", "action.proposed", "act-2"],
     ]
     deny = lines[2]
     assert "deny" in deny

@@ -121,12 +121,13 @@ def test_the_table_is_aligned_with_reasons_last() -> None:
         "intake",
         "processed",
         "task.created",
+        "e1",
         "-",
         "-",
         "-",
         "-",
     ]
-    for column in ("KIND", "DECISION", "TRACE ID", "REASONS"):
+    for column in ("KIND", "TASK/EVENT ID", "DECISION", "TRACE ID", "REASONS"):
         start = header.index(column)
         assert first[start - 2 : start] == second[start - 2 : start] == "  "
 
@@ -156,3 +157,9 @@ def test_progress_goes_to_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with _progress_bar(1000) as advance:
         assert advance is None
+
+
+def test_the_id_column_names_the_task_when_the_row_says() -> None:
+    header, line = format_table([audit_row(detail={"task_id": "t-7"})])
+    start = header.index("TASK/EVENT ID")
+    assert line[start:].startswith("task t-7  ")

@@ -24,6 +24,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from sluicegate.streams.dead_letters import H_REPLAY
 from sluicegate.streams.transport import (
     OutMessage,
     PartitionsCallback,
@@ -278,8 +279,10 @@ class NatsTransport:
             headers[name] = value
         event_id = headers.get(EVENT_ID_HEADER)
         if event_id:
-            # Deterministic event ids make re-produced outputs duplicates.
-            headers[MSG_ID_HEADER] = event_id
+            # Deterministic event ids make re-produced outputs duplicates; a
+            # replayed dead letter is a new message on purpose.
+            replay = headers.get(H_REPLAY)
+            headers[MSG_ID_HEADER] = f"{event_id}~{replay}" if replay else event_id
         return headers
 
     async def publish(self, message: OutMessage) -> None:
