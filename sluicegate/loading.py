@@ -17,6 +17,7 @@ import sys
 import traceback
 
 from sluicegate.agents.graph import Pipeline
+from sluicegate.policy.bundle import BundleError
 
 ENV_PIPELINE = "SLUICE_PIPELINE"
 
@@ -63,6 +64,10 @@ def load_pipeline(spec: str) -> Pipeline:
     if callable(target) and not isinstance(target, type):
         try:
             made = target()
+        except BundleError:
+            # The pipeline is fine, its policy bundle is not: reported as
+            # the bundle's problem (exit 2, see cli_errors), not --pipeline's.
+            raise
         except Exception as exc:
             raise PipelineLoadError(f"{spec}() failed: {_one_line(exc)}") from None
         if isinstance(made, Pipeline):
