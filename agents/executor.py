@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from sluicegate.agents import topics
 from sluicegate.agents.api import Step
-from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.keyed import duplicate, remember
 from sluicegate.agents.schemas import ACTION_ALLOWED, TOOL_RESULT, ActionAllowed, ToolResult
 from sluicegate.agents.tools import RetryableToolError, Tool, ToolContext, ToolError, builtin_tools
 from sluicegate.streams.envelope import Event
@@ -43,11 +43,11 @@ MAX_ERROR_CHARS = 500
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class ToolsStep(Step):
+class ToolsStep(Step[ActionAllowed]):
     name = "tools"
     inputs = (topics.ACTIONS_ALLOWED,)
     outputs = (topics.TOOL_RESULTS,)
-    accepts = {ACTION_ALLOWED: ActionAllowed}
+    types = (ACTION_ALLOWED,)
 
     def __init__(
         self,
@@ -70,8 +70,8 @@ class ToolsStep(Step):
         self._semaphore = asyncio.Semaphore(concurrency)
         self._sleep = sleep
 
-    async def process(self, event: Event, ctx: Context) -> list[Output]:
-        action = data_as(ctx, event, ActionAllowed)
+    async def process(self, event: Event, ctx: Context[ActionAllowed]) -> list[Output]:
+        action = ctx.data
         # Tools may have side effects: an action already executed (and its
         # result produced) is never executed again.
         if remember(ctx.state, SEEN_KEY, event.id, self.remember_ids):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from sluicegate.agents import topics
 from sluicegate.agents.api import Step
-from sluicegate.agents.keyed import data_as
 from sluicegate.agents.schemas import ACTION_ALLOWED, ACTION_PROPOSED, ActionAllowed, ActionProposed
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.step import Context, Output
@@ -19,16 +18,16 @@ from sluicegate.streams.step import Context, Output
 POLICY_VERSION = "allow-all"
 
 
-class AllowAllGate(Step):
+class AllowAllGate(Step[ActionProposed]):
     name = "allow_all"
     inputs = (topics.ACTIONS_PROPOSED,)
     # Never denies, but declares the denied topic like the real gate, so
     # swapping gates changes no topic layout.
     outputs = (topics.ACTIONS_ALLOWED, topics.ACTIONS_DENIED)
-    accepts = {ACTION_PROPOSED: ActionProposed}
+    types = (ACTION_PROPOSED,)
 
-    async def process(self, event: Event, ctx: Context) -> list[Output]:
-        proposed = data_as(ctx, event, ActionProposed)
+    async def process(self, event: Event, ctx: Context[ActionProposed]) -> list[Output]:
+        proposed = ctx.data
         allowed = ActionAllowed(
             **proposed.model_dump(), decision="allow", policy_version=POLICY_VERSION
         )

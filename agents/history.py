@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from sluicegate.agents import topics
 from sluicegate.agents.api import Step
-from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.keyed import duplicate, remember
 from sluicegate.agents.schemas import (
     CONTEXT_PACKED,
     TASK_ACCEPTED,
@@ -67,11 +67,11 @@ def evict(turns: list[HistoryTurn], budget: int, max_turns: int) -> list[History
     return turns[start:]
 
 
-class ContextStep(Step):
+class ContextStep(Step[TaskAccepted]):
     name = "context"
     inputs = (topics.TASKS_ACCEPTED,)
     outputs = (topics.CONTEXT,)
-    accepts = {TASK_ACCEPTED: TaskAccepted}
+    types = (TASK_ACCEPTED,)
 
     def __init__(
         self, *, token_budget: int = 512, max_turns: int = 32, remember_ids: int = 512
@@ -81,8 +81,8 @@ class ContextStep(Step):
         self.max_turns = max_turns
         self.remember_ids = remember_ids
 
-    async def process(self, event: Event, ctx: Context) -> list[Output]:
-        task = data_as(ctx, event, TaskAccepted)
+    async def process(self, event: Event, ctx: Context[TaskAccepted]) -> list[Output]:
+        task = ctx.data
         if remember(ctx.state, SEEN_KEY, task.task_id, self.remember_ids):
             return duplicate(ctx)
         # Evict first as well: a smaller budget after a restart still holds.

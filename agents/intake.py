@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sluicegate.agents import topics
 from sluicegate.agents.api import Step
-from sluicegate.agents.keyed import data_as, duplicate, remember
+from sluicegate.agents.keyed import duplicate, remember
 from sluicegate.agents.schemas import TASK_ACCEPTED, TASK_SUBMITTED, TaskAccepted, TaskSubmitted
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.step import Context, Output
@@ -19,18 +19,18 @@ from sluicegate.streams.step import Context, Output
 RECENT_IDS_KEY = "recent_ids"
 
 
-class IntakeStep(Step):
+class IntakeStep(Step[TaskSubmitted]):
     name = "intake"
     inputs = (topics.TASKS,)
     outputs = (topics.TASKS_ACCEPTED,)
-    accepts = {TASK_SUBMITTED: TaskSubmitted}
+    types = (TASK_SUBMITTED,)
 
     def __init__(self, *, remember_ids: int = 512) -> None:
         # How many recent task ids per session are kept to drop duplicates.
         self.remember_ids = remember_ids
 
-    async def process(self, event: Event, ctx: Context) -> list[Output]:
-        task = data_as(ctx, event, TaskSubmitted)
+    async def process(self, event: Event, ctx: Context[TaskSubmitted]) -> list[Output]:
+        task = ctx.data
         if remember(ctx.state, RECENT_IDS_KEY, event.id, self.remember_ids):
             return duplicate(ctx)
         accepted = TaskAccepted(

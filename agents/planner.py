@@ -54,7 +54,6 @@ from typing import Any, Protocol, runtime_checkable
 from sluicegate.agents import topics
 from sluicegate.agents.api import Step
 from sluicegate.agents.envvars import optional_positive_float, positive_float, positive_int
-from sluicegate.agents.keyed import data_as
 from sluicegate.agents.model_client import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, CallReport
 from sluicegate.agents.openai_planner import (
     DEFAULT_MODEL,
@@ -148,11 +147,11 @@ def add_usage(state: MutableMapping[str, Any], report: CallReport) -> dict[str, 
     return totals
 
 
-class PlannerStep(Step):
+class PlannerStep(Step[ContextPacked]):
     name = "planner"
     inputs = (topics.CONTEXT,)
     outputs = (topics.ACTIONS_PROPOSED,)
-    accepts = {CONTEXT_PACKED: ContextPacked}
+    types = (CONTEXT_PACKED,)
 
     def __init__(self, planner: Planner | None = None) -> None:
         self.planner: Planner = planner or RuleBasedPlanner()
@@ -179,8 +178,8 @@ class PlannerStep(Step):
             )
         return PlanOutcome(calls, report)
 
-    async def process(self, event: Event, ctx: Context) -> list[Output]:
-        packed = data_as(ctx, event, ContextPacked)
+    async def process(self, event: Event, ctx: Context[ContextPacked]) -> list[Output]:
+        packed = ctx.data
         task = packed.task
         outcome = await self._plan(packed)
         calls = outcome.calls
