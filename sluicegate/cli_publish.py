@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
@@ -72,6 +73,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd comm
     help="Publish N synthetic tasks instead of reading input.",
 )
 @click.option(
+    "--sessions",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    metavar="N",
+    help="With --generate: spread the tasks over N sessions, named afresh on every run.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Stop at the first invalid line; the valid lines before it are published.",
@@ -88,10 +97,11 @@ def publish(
     topic: str | None,
     rate: float | None,
     generate_n: int | None,
+    sessions: int,
     strict: bool,
     file: str | None,
 ) -> None:
-    """Publish JSON lines from FILE (or stdin with -) as events on a topic.
+    """Publish JSON lines from FILE (or stdin: - or piped in) as events on a topic.
 
     Each line is one JSON object: an event, of which only tenant, session and
     data are required (type defaults to task.submitted on tasks; id, time and
@@ -111,15 +121,21 @@ def publish(
     if generate_n is not None and file is not None:
         raise click.UsageError("give FILE (or -) or --generate N, not both")
     if generate_n is None and file is None:
-        raise click.UsageError("missing FILE: give a JSON-lines file, - for stdin, or --generate N")
+        if sys.stdin.isatty():
+            raise click.UsageError(
+                "missing FILE: give a JSON-lines file, - for stdin, or --generate N"
+            )
+        file = "-"  # input is piped in: read it, as cat and jq do
     app = _pipeline(pipeline_spec)
     topic = _topic(app, topic)
+    if generate_n is not None and topic != "tasks":
+        raise click.UsageError("--generate makes reference tasks, for the tasks topic only")
     settings = load_settings(transport=transport)
     # With SLUICE_OTLP_ENDPOINT set, each event starts its task's trace; spans
     # are exported (never served: this command is short-lived) and flushed at the end.
     telemetry = configure_telemetry(settings)
     try:
-        stats = _publish(settings, topic, rate, strict, file, generate_n, app)
+        stats = _publish(settings, topic, rate, strict, file, generate_n, app, sessions)
         # Before the telemetry flush, which may take seconds if the collector is away.
         click.echo(stats.summary(), err=True)
         if stats.stopped_at is not None:
@@ -143,10 +159,11 @@ def _publish(
     file: str | None,
     generate_n: int | None,
     app: Pipeline | None,
+    sessions: int = 50,
 ) -> PublishStats:
     """Run the publishing; an interrupt or a broker failure ends the command here."""
     stats = PublishStats()
-    chunks = _input(file, generate_n)
+    chunks = _input(file, generate_n, sessions)
     with _progress(total=generate_n) as bar:
 
         def report(rejection: Rejection) -> None:
@@ -204,10 +221,13 @@ def _topic(app: Pipeline | None, topic: str | None) -> str:
     return topic
 
 
-def _input(file: str | None, generate_n: int | None) -> AsyncGenerator[list[Item] | None, None]:
+def _input(
+    file: str | None, generate_n: int | None, sessions: int = 50
+) -> AsyncGenerator[list[Item] | None, None]:
     """The chunks to publish: generated tasks, or the lines of FILE or stdin."""
     if generate_n is not None:
-        return generated_chunks(generate(generate_n))
+        # Fresh session names per run (see samples.generate).
+        return generated_chunks(generate(generate_n, sessions=sessions, run=secrets.token_hex(3)))
     return reader_chunks(LineReader(None if file == "-" else file, line_limit=line_limit()))
 
 

@@ -74,8 +74,16 @@ _TOPICS = ("dead letter queue", "consumer groups", "keyed state", "rego policies
 _NAMES = ("alice", "bob", "carol", "dave")
 
 
-def generate(n: int, *, sessions: int = 50, seed: int = 7) -> Iterator[dict[str, Any]]:
-    """``n`` synthetic task objects (JSON-ready), deterministic for a seed."""
+def generate(
+    n: int, *, sessions: int = 50, seed: int = 7, run: str = ""
+) -> Iterator[dict[str, Any]]:
+    """``n`` synthetic task objects (JSON-ready), deterministic for a seed.
+
+    Sessions are ``gen-<run>-<k>``: ``sluice publish --generate`` passes a
+    fresh ``run`` each time, since sessions reused across runs soon hit
+    their budget and rate limits and every later task is denied.
+    """
+    base = f"gen-{run}-" if run else "gen-"
     rng = random.Random(seed)
     for i in range(n):
         template = _GENERATED[i % len(_GENERATED)]
@@ -89,6 +97,6 @@ def generate(n: int, *, sessions: int = 50, seed: int = 7) -> Iterator[dict[str,
         yield {
             "type": "task.submitted",
             "tenant": tenant,
-            "session": f"gen-{i % sessions}",
+            "session": f"{base}{i % sessions}",
             "data": {"prompt": prompt},
         }

@@ -13,6 +13,7 @@ the ``REASON_*`` codes below: the runner dead-letters with it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -80,6 +81,13 @@ class DataRegistry:
             if strict_types:
                 raise DecodeError(REASON_UNKNOWN_TYPE, f"no schema for event type {event.type!r}")
             return None
+        if not event.data:
+            required = [name for name, f in model.model_fields.items() if f.is_required()]
+            if required:
+                needs = ", ".join(f"data.{name}" for name in required)
+                raise DecodeError(
+                    REASON_MISSING, f"missing attribute data ({event.type} needs {needs})"
+                )
         try:
             return model.model_validate(event.data)
         except ValidationError as exc:
@@ -108,8 +116,14 @@ def decode(
     max_bytes: int = DEFAULT_MAX_BYTES,
     registry: DataRegistry | None = None,
     strict_types: bool = True,
+    default_time_ms: int | None = None,
 ) -> Event:
-    """Parse and validate one message body; raise :class:`DecodeError` on any fault."""
+    """Parse and validate one message body; raise :class:`DecodeError` on any fault.
+
+    ``default_time_ms`` is the ``time`` of an event without one (CloudEvents
+    makes it optional): the runner passes the broker's timestamp, the same
+    on every delivery, so a redelivered input decodes to the same event.
+    """
     if len(body) > max_bytes:
         raise DecodeError(REASON_TOO_LARGE, f"{len(body)} bytes, over the {max_bytes}-byte limit")
     try:
@@ -119,7 +133,9 @@ def decode(
             raise DecodeError(REASON_INVALID_UTF8, str(exc)) from None
         raise DecodeError(REASON_INVALID_JSON, str(exc)) from None
     if not isinstance(raw, dict):
-        raise DecodeError(REASON_NOT_OBJECT, f"body is a JSON {type(raw).__name__}, not an object")
+        raise DecodeError(REASON_NOT_OBJECT, f"body is {json_type(raw)}, not an object")
+    if default_time_ms is not None and "time" not in raw:
+        raw["time"] = datetime.fromtimestamp(default_time_ms / 1000, UTC)
     event = from_mapping(raw)
     if registry is not None:
         registry.validate(event, strict_types=strict_types)
@@ -150,6 +166,46 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+# What a pydantic type error expected, in JSON's words.
+_EXPECTED = {
+    "dict_type": "an object",
+    "model_type": "an object",
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "an array",
+    "datetime_type": "an RFC 3339 time",
+    "datetime_parsing": "an RFC 3339 time",
+}
+
+
+def json_type(value: object) -> str:
+    """``value``'s JSON type, as JSON names it (``null``, not ``NoneType``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return "an object"
+
+
 def _describe(exc: ValidationError, prefix: str = "") -> str:
-    parts = [f"{prefix}{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+    parts = []
+    for e in exc.errors()[:5]:
+        where = f"{prefix}{_loc(e['loc'])}"
+        if e["type"] == "missing":
+            parts.append(f"missing attribute {where}")
+        elif e["type"] in _EXPECTED:
+            parts.append(f"{where}: expected {_EXPECTED[e['type']]}, got {json_type(e['input'])}")
+        else:
+            parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)

@@ -34,6 +34,7 @@ from sluicegate.streams.codec import (
     encode,
     from_mapping,
     headers_for,
+    json_type,
 )
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.ids import new_id
@@ -72,7 +73,7 @@ class Publisher:
     def prepare(self, raw: Mapping[str, Any]) -> Event:
         """Complete and validate one event; raise ``DecodeError`` naming what is wrong."""
         if not isinstance(raw, Mapping):
-            raise DecodeError("not_an_object", f"expected a JSON object, got {type(raw).__name__}")
+            raise DecodeError("not_an_object", f"expected a JSON object, got {json_type(raw)}")
         fields = dict(raw)
         fields.setdefault("specversion", "1.0")
         fields.setdefault("id", new_id())

@@ -817,7 +817,11 @@ class StepRunner:
             self._absorb(slot)
             return
         try:
-            event = decode(msg.value, max_bytes=self.config.max_event_bytes)
+            # An event without ``time`` gets the broker's timestamp: the
+            # same on every delivery, so a redelivered input is the same event.
+            event = decode(
+                msg.value, max_bytes=self.config.max_event_bytes, default_time_ms=msg.timestamp_ms
+            )
         except DecodeError as exc:
             self._dead_letter(slot, exc.reason, exc, event=None)
             return

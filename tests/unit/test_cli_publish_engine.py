@@ -257,7 +257,11 @@ async def test_rate_paces_real_time_loosely() -> None:
 # --- flags (no broker is reached: these fail before connecting) -----------------------
 
 
-def test_missing_file_argument_is_exit_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_file_argument_is_exit_2_naming_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a terminal: nothing to read. (Piped input is read without "-".)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     assert main(["publish"]) == 2
     err = capsys.readouterr().err
     assert "FILE" in err and len(err.strip().splitlines()) == 1
@@ -310,3 +314,10 @@ def test_an_unreachable_broker_is_exit_1_saying_nothing_was_published(
     err = capsys.readouterr().err
     assert "cannot connect to NATS" in err
     assert "0 events were published" in err
+
+
+def test_generated_sessions_are_fresh_per_run_and_counted() -> None:
+    first = {t["session"] for t in generate(20, sessions=4, run="a1")}
+    second = {t["session"] for t in generate(20, sessions=4, run="b2")}
+    assert len(first) == len(second) == 4
+    assert not first & second

@@ -58,7 +58,7 @@ def test_roundtrip_is_structured_mode_cloudevent() -> None:
     [
         (b"\xff\xfe{not utf8", "invalid_utf8", "UTF-8"),
         (b'{"id": "x", ', "invalid_json", ""),
-        (b"[1, 2, 3]", "not_an_object", "list"),
+        (b"[1, 2, 3]", "not_an_object", "an array"),
         (
             orjson.dumps({k: v for k, v in valid_body().items() if k != "id"}),
             "missing_attribute",
@@ -142,3 +142,28 @@ def test_any_json_data_roundtrips(data: dict[str, object], tenant: str, session:
 def test_arbitrary_bytes_never_escape_as_other_errors(body: bytes) -> None:
     with contextlib.suppress(DecodeError):
         decode(body)
+
+
+def test_an_event_without_time_gets_the_brokers_timestamp() -> None:
+    body = b'{"specversion":"1.0","id":"e1","source":"s","type":"t","tenant":"a","session":"b"}'
+    event = decode(body, default_time_ms=1_700_000_000_000)
+    assert event.time == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    # Without a broker timestamp (a library caller) time stays required.
+    with pytest.raises(DecodeError, match="missing attribute time"):
+        decode(body)
+
+
+def test_errors_speak_json_null_and_name_missing_data() -> None:
+    body = b'{"specversion":"1.0","id":"e1","source":"s","type":"t","tenant":null,"session":"b"}'
+    with pytest.raises(DecodeError, match="tenant: expected a string, got null"):
+        decode(body, default_time_ms=0)
+
+    class Prompt(BaseModel):
+        prompt: str
+
+    registry = DataRegistry()
+    registry.register("t", Prompt)
+    no_data = b'{"specversion":"1.0","id":"e1","source":"s","type":"t","tenant":"a","session":"b"}'
+    with pytest.raises(DecodeError) as info:
+        decode(no_data, default_time_ms=0, registry=registry)
+    assert str(info.value) == "missing_attribute: missing attribute data (t needs data.prompt)"

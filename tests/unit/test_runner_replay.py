@@ -77,3 +77,17 @@ def test_an_undecodable_dead_letter_keeps_tenant_and_session_from_its_body() -> 
     _out, row = dead_letter(msg, "intake", "invalid_event", ValueError("bad"), None)
     assert (row.tenant, row.session, row.event_type) == ("acme", "s9", "task.submitted")
     assert row.event_id == "tasks/0/7"
+
+
+async def test_an_event_without_time_is_processed_with_the_broker_time() -> None:
+    transport = MemoryTransport(partitions=1)
+    await transport.ensure_topics(["in", "out"])
+    store, step = MemoryCheckpointStore(), Gate()
+    step.refuse = False
+    runner = StepRunner(step, transport, store)
+    await runner.start()
+    body = b'{"specversion":"1.0","id":"e1","source":"up","type":"ping","tenant":"t","session":"s",'
+    await transport.publish_batch([OutMessage("in", body + b'"data":{"n":1}}', key=b"s")])
+    while await runner.run_once():
+        pass
+    assert kinds(store, "e1") == ["processed"]
