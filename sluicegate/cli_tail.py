@@ -21,9 +21,12 @@ from contextlib import suppress
 import click
 
 from sluicegate.cli import load_settings, transport_option
+from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline
+from sluicegate.loading import ENV_PIPELINE
 from sluicegate.pipeline import TOPICS
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
+from sluicegate.streams.dead_letters import DLQ_TOPIC
 from sluicegate.streams.transport import TransportError
 from sluicegate.tailing import Filter, Seen, follow, renderer
 
@@ -32,7 +35,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 
 @click.command("tail")
 @transport_option
-@click.argument("topic", type=click.Choice(TOPICS), default="results", metavar="[TOPIC]")
+@pipeline_option
+@click.argument("topic", default=None, required=False, metavar="[TOPIC]")
 @click.option(
     "--from-beginning", is_flag=True, help="Start at the oldest event kept (default: new only)."
 )
@@ -45,7 +49,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 )
 def tail(
     transport: str | None,
-    topic: str,
+    pipeline_spec: str | None,
+    topic: str | None,
     from_beginning: bool,
     session: str | None,
     tenant: str | None,
@@ -54,6 +59,10 @@ def tail(
     count: int | None,
 ) -> None:
     """Follow TOPIC (default: results) and print its events as they arrive.
+
+    TOPIC is one of the pipeline's (--pipeline MODULE:ATTR or SLUICE_PIPELINE;
+    default the reference pipeline), or dlq; with --pipeline the default is
+    the first topic its steps write and none reads.
 
     tail is an observer: it joins no consumer group and commits nothing, so
     it never takes partitions from, or moves the offsets of, running workers.
@@ -67,6 +76,7 @@ def tail(
 
     Exit 0 after --count events; 130 on Ctrl-C (143 on SIGTERM).
     """
+    topic = _topic(pipeline_spec, topic)
     settings = load_settings(transport=transport)
     match = Filter(tenant=tenant, session=session, type=event_type)
     render = renderer(as_json)
@@ -87,6 +97,25 @@ def tail(
         raise click.ClickException(str(exc)) from None
     if stopped_by:
         raise click.exceptions.Exit(EXIT_CODES[stopped_by[0]])
+
+
+def _topic(spec: str | None, topic: str | None) -> str:
+    """TOPIC, checked against the pipeline's topics (the reference's unless one is named)."""
+    topics: tuple[str, ...] = TOPICS
+    default = "results"
+    if spec or os.environ.get(ENV_PIPELINE, "").strip():
+        app = resolve_pipeline(spec)
+        topics = (*app.topics, DLQ_TOPIC)
+        read = {t for s in app.steps for t in s.inputs}
+        default = next((t for t in app.topics if t not in read), DLQ_TOPIC)
+    if topic is None:
+        return default
+    if topic not in topics:
+        raise click.BadParameter(
+            f"{topic!r} is not a topic of the pipeline ({', '.join(map(repr, topics))})",
+            param_hint="'[TOPIC]'",
+        )
+    return topic
 
 
 async def _tail(

@@ -159,3 +159,18 @@ def test_publish_validates_against_the_pipelines_upstream_schema() -> None:
         publisher.prepare({"tenant": "t", "session": "s", "data": {"body": "no subject"}})
     with pytest.raises(DecodeError, match="unknown_type"):
         publisher.prepare({"tenant": "t", "session": "s", "type": "x", "data": {"subject": "a"}})
+
+
+def test_tail_follows_the_pipelines_topics(
+    app_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sluicegate.cli_tail import _topic
+
+    spec = f"{app_module}:pipeline"
+    assert _topic(spec, None) == "shouted"  # what its steps write and none reads
+    assert _topic(spec, "dlq") == "dlq"
+    assert _topic(None, None) == "results"
+    assert main(["tail", "--pipeline", spec, "results"]) == 2
+    assert "'results' is not a topic of the pipeline ('words', 'shouted', 'dlq')" in (
+        capsys.readouterr().err
+    )
