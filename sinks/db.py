@@ -7,15 +7,22 @@ SQL serves the production schema and the throwaway schema of each test.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 DEFAULT_SCHEMA = "sluice"
+
+# Seconds a connection attempt may take. A server that accepts the TCP
+# connection and never answers would otherwise hang its caller for good (libpq
+# waits forever unless told). A ``connect_timeout`` in the URL takes precedence.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 # Plain lower-case identifiers only: they need no quoting anywhere (psql,
 # migrations, logs) and cannot smuggle SQL into the SET statements below.
@@ -37,14 +44,32 @@ def _orjson_dumps(obj: Any) -> str:
 
 
 async def connect(
-    conninfo: str, *, schema: str = DEFAULT_SCHEMA, autocommit: bool = True
+    conninfo: str,
+    *,
+    schema: str = DEFAULT_SCHEMA,
+    autocommit: bool = True,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> psycopg.AsyncConnection[Any]:
     """Open a connection whose ``search_path`` is ``schema`` and whose JSON codec is orjson.
 
-    The schema need not exist yet (``migrate`` creates it).
+    The schema need not exist yet (``migrate`` creates it). Connecting, the
+    first statement included, takes about ``connect_timeout`` seconds at most
+    (or the URL's own ``connect_timeout``), then ``TimeoutError``.
     """
     check_schema(schema)
-    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=autocommit)
+    params = conninfo_to_dict(conninfo)
+    # libpq counts whole seconds; 0 would mean "wait forever".
+    params.setdefault("connect_timeout", str(max(1, round(connect_timeout))))
+    # Bounded either way, also for a URL that says 0 (wait forever).
+    limit = (float(params["connect_timeout"] or 0) or connect_timeout) + 1
+    async with asyncio.timeout(limit):
+        return await _connect(params, schema, autocommit)
+
+
+async def _connect(
+    params: dict[str, Any], schema: str, autocommit: bool
+) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(**params, autocommit=autocommit)
     try:
         # SET rather than an ``options`` connection parameter, which would
         # silently replace any ``options`` the operator put in the URL.

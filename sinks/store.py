@@ -37,7 +37,8 @@ from psycopg import postgres, pq
 from psycopg.adapt import Dumper
 
 from sluicegate.sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
-from sluicegate.sinks.db import DEFAULT_SCHEMA, check_schema, connect
+from sluicegate.sinks.db import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCHEMA, check_schema, connect
+from sluicegate.sinks.faults import permanent
 from sluicegate.streams.checkpoint import (
     INPUT_KINDS,
     CommitBatch,
@@ -49,6 +50,10 @@ from sluicegate.streams.step import ResultRecord, StateKey
 from sluicegate.streams.transport import TopicPartition
 
 Conn = psycopg.AsyncConnection[Any]
+
+# Seconds one store operation may take, a commit's whole transaction included
+# (they take milliseconds; a large first load, well under a second).
+DEFAULT_STATEMENT_TIMEOUT = 30.0
 
 # Binary COPY: the server parses nothing but the JSON, and the client escapes
 # nothing (about 15% cheaper than text for audit rows).
@@ -239,10 +244,17 @@ class PostgresCheckpointStore:
         *,
         schema: str = DEFAULT_SCHEMA,
         idle_in_transaction_timeout_s: float = 60.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT,
+        statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> None:
         self._conninfo = conninfo
         self._schema = check_schema(schema)
         self._idle_timeout_ms = int(idle_in_transaction_timeout_s * 1000)
+        self._connect_timeout = connect_timeout_s
+        # Every operation (a commit's whole transaction included) ends within
+        # this: a server that stops answering mid-query is an outage the
+        # runner backs off from, not a hang.
+        self._statement_timeout = statement_timeout_s
         self._conn: Conn | None = None
         # One connection carries one transaction at a time; callers on several
         # tasks (partitions committing concurrently) must take turns.
@@ -256,12 +268,18 @@ class PostgresCheckpointStore:
         *,
         schema: str = DEFAULT_SCHEMA,
         idle_in_transaction_timeout_s: float = 60.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT,
+        statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> Self:
         """A store with its connection open (it reconnects by itself after a loss)."""
         store = cls(
-            conninfo, schema=schema, idle_in_transaction_timeout_s=idle_in_transaction_timeout_s
+            conninfo,
+            schema=schema,
+            idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            statement_timeout_s=statement_timeout_s,
         )
-        async with store._session():
+        async with store._session("a connection"):
             pass
         return store
 
@@ -279,7 +297,7 @@ class PostgresCheckpointStore:
         wanted = sorted(set(tps))
         if not wanted:
             return {}
-        async with self._session() as conn:
+        async with self._session(f"loading the offsets of step {step!r}") as conn:
             cur = await conn.execute(
                 _LOAD_OFFSETS, ([tp.topic for tp in wanted], [tp.partition for tp in wanted], step)
             )
@@ -299,7 +317,7 @@ class PostgresCheckpointStore:
             return {}
         topics, partitions = [tp.topic for tp in wanted], [tp.partition for tp in wanted]
         old = sorted((legacy or {}).items())
-        async with self._session() as conn:
+        async with self._session(f"claiming partitions of step {step!r}") as conn:
             claim_cur = conn.cursor()
             async with conn.pipeline():
                 await conn.execute("BEGIN")
@@ -325,7 +343,7 @@ class PostgresCheckpointStore:
         if not wanted:
             return {}
         topics, partitions = [tp.topic for tp in wanted], [tp.partition for tp in wanted]
-        async with self._session() as conn:
+        async with self._session(f"loading the progress of step {step!r}") as conn:
             cur = await conn.execute(_LOAD_PROGRESS, (topics, partitions, step))
             rows = await cur.fetchall()
         return _progress(rows)
@@ -334,7 +352,7 @@ class PostgresCheckpointStore:
         wanted = sorted(set(partitions))
         if not wanted:
             return {}
-        async with self._session() as conn:
+        async with self._session(f"loading the state of step {step!r}") as conn:
             cur = await conn.execute(_LOAD_STATES, (step, wanted))
             rows = await cur.fetchall()
         # Back to the runner's canonical bytes (jsonb prints its own layout).
@@ -346,7 +364,7 @@ class PostgresCheckpointStore:
     async def load_recent_ids(self, step: str, partition: int, limit: int) -> set[str]:
         if limit <= 0:
             return set()
-        async with self._session() as conn:
+        async with self._session(f"loading the recent ids of step {step!r}") as conn:
             cur = await conn.execute(
                 _LOAD_RECENT_IDS, (step, partition, step, list(INPUT_KINDS), limit)
             )
@@ -355,7 +373,7 @@ class PostgresCheckpointStore:
     async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
         if limit <= 0:
             return set()
-        async with self._session() as conn:
+        async with self._session(f"loading the dead-lettered ids of step {step!r}") as conn:
             cur = await conn.execute(
                 _LOAD_DEAD_LETTERED_IDS, (step, partition, step, list(INPUT_KINDS), limit)
             )
@@ -371,7 +389,7 @@ class PostgresCheckpointStore:
         if batch.is_empty():
             return CommitOutcome()
         try:
-            async with self._session() as conn:
+            async with self._session(f"a checkpoint of step {batch.step!r}") as conn:
                 outcome = await _Commit(conn, batch).run()
         except StaleBatchError:
             self.stats.stale += 1
@@ -385,15 +403,28 @@ class PostgresCheckpointStore:
     # -- the connection -------------------------------------------------------------
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[Conn]:
-        """The live connection, under the store's lock; cleaned up if the body fails."""
-        async with self._lock:
-            conn = await self._connection()
-            try:
-                yield conn
-            except BaseException as exc:
-                await self._abandon(conn, exc)
-                raise
+    async def _session(self, doing: str) -> AsyncIterator[Conn]:
+        """The live connection, under the store's lock; cleaned up if the body fails.
+
+        Bounded: connecting takes at most the connect timeout and the body the
+        statement timeout (``TimeoutError``; the connection, whose state is
+        then unknown, is dropped). A permanent error (see faults.py) comes
+        out as a one-line ``StorePermanentError``.
+        """
+        try:
+            async with self._lock:
+                conn = await self._connection()
+                try:
+                    async with asyncio.timeout(self._statement_timeout):
+                        yield conn
+                except BaseException as exc:
+                    await self._abandon(conn, exc)
+                    raise
+        except psycopg.Error as exc:
+            refused = permanent(exc, doing)
+            if refused is not None:
+                raise refused from exc
+            raise
 
     async def _connection(self) -> Conn:
         conn = self._conn
@@ -402,7 +433,9 @@ class PostgresCheckpointStore:
         if conn is not None:
             await conn.close()
         self._conn = None
-        conn = await connect(self._conninfo, schema=self._schema)
+        conn = await connect(
+            self._conninfo, schema=self._schema, connect_timeout=self._connect_timeout
+        )
         # Our transactions last milliseconds. One left open by a stuck or
         # partitioned client would hold its partitions' row locks and stall
         # the worker that took them over; the server ends such sessions.

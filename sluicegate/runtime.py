@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from sluicegate import worker_log
+from sluicegate.cli_errors import redact
 from sluicegate.settings import Settings, TransportName
 from sluicegate.streams.checkpoint import CheckpointStore
 from sluicegate.streams.partitioning import owned_partitions
@@ -28,16 +30,26 @@ from sluicegate.streams.transport import Transport
 log = logging.getLogger("sluicegate")
 
 
-def make_transport(settings: Settings, kind: TransportName | None = None) -> Transport:
-    """An unconnected transport of ``kind`` (default: the configured one)."""
+def make_transport(
+    settings: Settings, kind: TransportName | None = None, *, worker: bool = False
+) -> Transport:
+    """An unconnected transport of ``kind`` (default: the configured one).
+
+    A ``worker``'s NATS connection keeps reconnecting for as long as it takes:
+    how long an outage is ridden out is the runners' outage patience, not the
+    client's reconnect budget (after which the connection would be closed
+    for good and nothing could recover).
+    """
     kind = kind or settings.transport
     if kind == "nats":
         from sluicegate.streams.transports.nats import NatsTransport
 
+        tuning: dict[str, Any] = {"max_reconnect_attempts": -1} if worker else {}
         return NatsTransport(
             settings.resolved_nats_url(),
             prefix=settings.topic_prefix,
             partitions=settings.partitions,
+            **tuning,
         )
     from sluicegate.streams.transports.kafka import KafkaTransport
 
@@ -52,7 +64,10 @@ async def open_store(settings: Settings) -> CheckpointStore:
     from sluicegate.sinks.store import PostgresCheckpointStore
 
     return await PostgresCheckpointStore.connect(
-        settings.resolved_database_url(), schema=settings.db_schema
+        settings.resolved_database_url(),
+        schema=settings.db_schema,
+        connect_timeout_s=settings.db_connect_timeout,
+        statement_timeout_s=settings.db_statement_timeout,
     )
 
 
@@ -97,19 +112,35 @@ async def run_steps(
     kind: TransportName | None = None,
     config: RunnerConfig | None = None,
 ) -> list[StepRunner]:
-    """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats)."""
+    """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats).
+
+    ``stop`` set during start-up ends it at once (start-up waits are bounded
+    anyway). A runner that gives up (an outage outlasting its patience, a
+    permanent store error) stops the others and its error is raised.
+    """
     # A bundle `sluice policy check` rejects is refused before anything starts.
     worker_log.vet_policies(steps)
-    await require_migrated(settings)
     config = config or settings.runner_config()
-    transport = make_transport(settings, kind)
-    await transport.connect()
+    transport = make_transport(settings, kind, worker=True)
     partitions = (
         owned_partitions(instance[0], instance[1], settings.partitions) if instance else None
     )
     runners: list[StepRunner] = []
     stores: list[CheckpointStore] = []
-    try:
+
+    async def connect() -> None:
+        # Bounded: a Postgres that accepts connections and never answers
+        # must not hang the worker before its first log line.
+        limit = settings.db_connect_timeout + settings.db_statement_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await require_migrated(settings)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"Postgres at {redact(settings.resolved_database_url())} did not answer "
+                f"within {limit:g}s (SLUICE_DB_CONNECT_TIMEOUT, SLUICE_DB_STATEMENT_TIMEOUT)"
+            ) from exc
+        await transport.connect()
         for step in steps:
             store = await open_store(settings)
             stores.append(store)
@@ -120,11 +151,19 @@ async def run_steps(
                 step, transport, store, partitions=partitions, config=config, owner=owner
             )
             runners.append(runner)
+
+    try:
+        if not await _unless_stopped(stop, connect()):
+            log.warning("stopped during start-up")
+            return runners
         async with worker_log.reporting(runners, settings, transport, partitions=partitions):
             # In parallel: on Kafka each step joins its own consumer group, and
             # one after another the six groups took 6-7 s to start a worker.
-            await asyncio.gather(*(r.start() for r in runners))
-            await asyncio.gather(*(r.run(stop) for r in runners))
+            starts = asyncio.gather(*(r.start() for r in runners))
+            if not await _unless_stopped(stop, starts):
+                log.warning("stopped during start-up")
+                return runners
+            await _run_all(runners, stop)
     finally:
         for runner in runners:
             await runner.close()
@@ -133,6 +172,46 @@ async def run_steps(
         await transport.close()
         await _close_model_sessions()
     return runners
+
+
+async def _run_all(runners: Sequence[StepRunner], stop: asyncio.Event) -> None:
+    """Run every runner until ``stop``; the first to fail stops the rest and its error is raised."""
+    try:
+        # A task group, not gather: one runner that gives up cancels the
+        # others (which then close), instead of leaving them running.
+        async with asyncio.TaskGroup() as group:
+            for runner in runners:
+                group.create_task(runner.run(stop), name=f"run {runner.processor.name}")
+    except BaseExceptionGroup as failed:
+        raise _first_error(failed) from None
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
+    """Await ``work``; False (and ``work`` cancelled) if ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            # A cancelled connect or join ends promptly; its error is moot.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # raises what start-up raised
+    return True
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a task group that is not a cancellation (one line for the CLI)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 async def _close_model_sessions() -> None:
@@ -236,9 +315,42 @@ def configure_telemetry(
     return telemetry
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """SIGTERM and SIGINT finish the batch in hand, then stop."""
+def stop_on_signals(stop: asyncio.Event, *, grace: float | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``: stop fetching, drain, checkpoint, exit.
+
+    With ``grace`` (SLUICE_SHUTDOWN_GRACE): a process still running ``grace``
+    seconds after the first signal, or given a second one, exits at once,
+    whatever it waits for (a broker or Postgres outage, a retry loop, a
+    commit). Nothing committed is lost that way: a checkpoint is one Postgres
+    transaction, and what was not checkpointed is fetched again.
+    """
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            if grace is not None:
+                log.warning("%s: stopping (exiting at the latest in %gs)", sig.name, grace)
+                loop.call_later(grace, _exit_now, f"still running {grace:g}s after {sig.name}")
+            return
+        if grace is not None:
+            _exit_now(f"a second {sig.name}")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
+
+
+# The exit status of a worker ended by SIGTERM before it finished (128 + 15).
+FORCED_EXIT_CODE = 143
+
+
+def _exit_now(why: str) -> None:
+    """End the process now: the last resort of a shutdown that does not finish."""
+    log.error("%s: exiting now; what was not checkpointed is fetched again", why)
+    for handler in logging.getLogger().handlers:
+        with suppress(Exception):
+            handler.flush()
+    # os._exit, not sys.exit: whatever the loop waits on (a hung socket, a
+    # task that swallows cancellation) must not keep the process alive.
+    os._exit(FORCED_EXIT_CODE)

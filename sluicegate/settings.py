@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(default=10.0, ge=0, le=3600)
     # Seconds between a worker's progress lines (0: none).
     progress_interval: float = Field(default=30.0, ge=0, le=86_400)
+    # Faults (seconds): how long a worker rides out a broker or Postgres outage
+    # before it gives up (exit 1, one line); how long a partition may have lag
+    # and no progress before it is reported stalled and its reader repaired
+    # (0: never); how long after SIGTERM a worker exits whatever it is doing
+    # (a second SIGTERM: at once); Postgres connect and per-operation limits.
+    outage_patience: float = Field(default=300.0, gt=0, le=86_400)
+    stall_timeout: float = Field(default=30.0, ge=0, le=86_400)
+    shutdown_grace: float = Field(default=30.0, gt=0, le=3600)
+    db_connect_timeout: float = Field(default=10.0, gt=0, le=600)
+    db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)
 
     # The local stack: where it keeps its files and which loopback ports it uses.
     home: Path = Path(".sluice")
@@ -64,6 +74,8 @@ class Settings(BaseSettings):
             max_in_flight=self.max_in_flight,
             commit_interval_s=self.commit_interval_ms / 1000,
             drain_timeout_s=self.drain_timeout,
+            outage_patience_s=self.outage_patience,
+            stall_timeout_s=self.stall_timeout,
         )
 
     def resolved_nats_url(self) -> str:

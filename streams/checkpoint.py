@@ -32,6 +32,16 @@ class StaleBatchError(RuntimeError):
     """The batch's ownership epoch is not current (or another worker committed past it)."""
 
 
+class StorePermanentError(RuntimeError):
+    """The store refused an operation for a reason waiting will not fix.
+
+    A column or table missing after schema drift, a refused permission, a
+    database or schema that does not exist. Stores raise it (with a one-line
+    message naming the problem) so that the runner reports it at once
+    instead of riding it out like an outage.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """What the store holds for one (step, input partition)."""

@@ -126,6 +126,12 @@ class _Instruments:
             description="Inputs fetched and not yet checkpointed",
         )
         meter.create_observable_gauge(
+            "sluice.step.partitions.stalled",
+            callbacks=[_observe_stalled],
+            unit="{partition}",
+            description="Owned partitions with lag and no progress for SLUICE_STALL_TIMEOUT",
+        )
+        meter.create_observable_gauge(
             "sluice.step.key_queue.depth",
             callbacks=[_observe_load(1)],
             unit="{event}",
@@ -175,8 +181,15 @@ def _observe_load(index: int) -> Callable[[CallbackOptions], Iterator[Observatio
     return observe
 
 
+def _observe_stalled(options: CallbackOptions) -> Iterator[Observation]:
+    from opentelemetry.metrics import Observation
+
+    for step, count in list(_state.stalled.items()):
+        yield Observation(count, {STEP: step})
+
+
 class _State:
-    __slots__ = ("instruments", "lags", "load", "owned", "provider", "skipped")
+    __slots__ = ("instruments", "lags", "load", "owned", "provider", "skipped", "stalled")
 
     def __init__(self) -> None:
         self.instruments: _Instruments | None = None
@@ -188,6 +201,8 @@ class _State:
         self.load: dict[str, tuple[int, int]] = {}
         # Per (step, watcher id): how to read a runner's skipped total.
         self.skipped: dict[tuple[str, int], Callable[[], int]] = {}
+        # Stalled partitions per step, as of the runner's last check.
+        self.stalled: dict[str, int] = {}
 
 
 _state = _State()
@@ -255,6 +270,7 @@ def shutdown() -> None:
     _state.instruments, _state.provider, _state.owned = None, None, False
     _state.lags.clear()
     _state.load.clear()
+    _state.stalled.clear()
     if provider is not None and owned:
         provider.shutdown()
 
@@ -313,6 +329,11 @@ class StepMetrics:
         """Record how many inputs are in flight and how many wait behind the busiest key."""
         if _state.instruments is not None:
             _state.load[self.step] = (in_flight, deepest_key_queue)
+
+    def stalled(self, partitions: int) -> None:
+        """Record how many owned partitions are stalled (lag, no progress)."""
+        if _state.instruments is not None:
+            _state.stalled[self.step] = partitions
 
     def _record_lag(self, messages: Sequence[Message], subscription: object) -> None:
         if not messages or subscription is None:

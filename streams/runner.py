@@ -56,8 +56,14 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from sluicegate.streams import metrics, tracing
-from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, Progress, StaleBatchError
+from sluicegate.streams import health, metrics, tracing
+from sluicegate.streams.checkpoint import (
+    CheckpointStore,
+    CommitBatch,
+    Progress,
+    StaleBatchError,
+    StorePermanentError,
+)
 from sluicegate.streams.codec import (
     DataRegistry,
     DecodeError,
@@ -79,6 +85,7 @@ from sluicegate.streams.dead_letters import (
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.inflight import Pending, Slot, Watermarks
 from sluicegate.streams.partitioning import partition_for
+from sluicegate.streams.stalls import PartitionView, StallWatch
 from sluicegate.streams.step import (
     AuditRecord,
     Context,
@@ -107,6 +114,7 @@ __all__ = [
     "H_DLQ_REASON",
     "H_DLQ_SOURCE",
     "H_DLQ_STEP",
+    "OutageError",
     "RunnerConfig",
     "RunnerStats",
     "StepRunner",
@@ -150,8 +158,14 @@ class RunnerConfig:
     # (of all runners in the process), before the broker ack: the narrowest
     # window of the commit protocol.
     crash_after_commits: int | None = None
-    # Consecutive broker/store failures run() rides out before giving up.
-    max_consecutive_failures: int = 12
+    # How long run() rides out consecutive broker or store failures (backing
+    # off, at most 5 s between attempts) before it gives up with an
+    # OutageError (SLUICE_OUTAGE_PATIENCE). Permanent store errors end it at once.
+    outage_patience_s: float = 300.0
+    # A partition with lag and no progress for this long is reported as
+    # stalled (log, metric, /readyz) and its reader repaired
+    # (SLUICE_STALL_TIMEOUT); 0 turns the watch off.
+    stall_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -335,6 +349,12 @@ class StepRunner:
             system=transport.name, prefix=transport.prefix, step=processor.name, group=self.group
         )
         self._metrics = metrics.StepMetrics(processor.name, prefix=transport.prefix)
+        # Failure paths: when the current run of failures began (outage
+        # patience), and the watch for partitions that stall silently.
+        self._failing_since = 0.0
+        stall = self.config.stall_timeout_s
+        self._stalls = StallWatch(stall) if stall > 0 else None
+        self._next_stall_check = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -352,6 +372,9 @@ class StepRunner:
         return {tp: self._offsets.get(tp) for tp in sorted(self._owned)}
 
     # -- lifecycle ---------------------------------------------------------
+
+    def _topics(self) -> list[str]:
+        return [*self.processor.inputs, *self.processor.outputs, DLQ_TOPIC]
 
     async def start(self) -> None:
         if not self._opened:
@@ -387,7 +410,7 @@ class StepRunner:
         while not stop.is_set():
             try:
                 await self.run_once()
-                failures = 0
+                failures = self._healthy(failures)
             except (TransportError, OSError, StoreUnavailableError) as exc:
                 # A broker hiccup or a rebalance error must not end the
                 # worker; the batch in hand was rewound (handle_batch).
@@ -409,8 +432,15 @@ class StepRunner:
                         )
                     await self._fetch_and_admit(stop)
                     await self._maybe_tick()
-                    failures = 0
-                except (TransportError, OSError, StoreUnavailableError, StaleBatchError) as exc:
+                    await self._watch_stalls()
+                    failures = self._healthy(failures)
+                except (StorePermanentError, OutageError):
+                    raise
+                except Exception as exc:
+                    # Whatever fails on the way (broker, store, a rebalance
+                    # callback's error re-raised by fetch) is retried with
+                    # backoff until it works or the outage patience runs out:
+                    # never swallowed, never a silent stop.
                     failures = await self._back_off(failures, exc)
         except asyncio.CancelledError:
             # Cancelled, not stopped: no waiting for events in flight.
@@ -421,15 +451,103 @@ class StepRunner:
             await self._drain(committer, wait=drain)
 
     async def _back_off(self, failures: int, exc: BaseException) -> int:
+        """Wait before the next attempt; give up once failing outlasts the outage patience."""
+        refused = _permanent(exc)
+        if refused is not None:
+            raise refused
+        name, now = self.processor.name, time.monotonic()
+        if failures == 0:
+            self._failing_since = now
         failures += 1
-        if failures >= self.config.max_consecutive_failures:
-            raise exc
+        down = now - self._failing_since
+        patience = self.config.outage_patience_s
+        if down >= patience:
+            raise OutageError(
+                f"step {name!r} gave up after {down:.0f}s of failures "
+                f"(outage patience {patience:g}s, SLUICE_OUTAGE_PATIENCE): {_one_line(exc)}"
+            ) from exc
         delay = min(5.0, self.config.retry_backoff_s * 2**failures)
-        log.warning(
-            "%s: %s (attempt %d, retrying in %.2fs)", self.processor.name, exc, failures, delay
-        )
+        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)}")
+        # The first attempts, then about one line a minute: an outage of
+        # minutes must not flood the log.
+        if failures <= 3 or failures % 12 == 0:
+            log.warning(
+                "%s: %s (attempt %d, failing for %.0fs, giving up after %gs; retrying in %.2fs)",
+                name,
+                _one_line(exc),
+                failures,
+                down,
+                patience,
+                delay,
+            )
         await asyncio.sleep(delay)
         return failures
+
+    def _healthy(self, failures: int) -> int:
+        """A loop turn succeeded: the run of failures, if any, is over."""
+        if failures:
+            down = time.monotonic() - self._failing_since
+            log.warning(
+                "%s: recovered after %d failed attempts (%.1fs)",
+                self.processor.name,
+                failures,
+                down,
+            )
+            health.outage(self.processor.name, None)
+        return 0
+
+    async def _watch_stalls(self) -> None:
+        """Report and repair partitions with lag and no progress (see stalls.py)."""
+        watch, sub = self._stalls, self._sub
+        if watch is None or sub is None:
+            return
+        now = time.monotonic()
+        if now < self._next_stall_check:
+            return
+        self._next_stall_check = now + max(0.2, min(5.0, watch.timeout_s / 3))
+        if self._in_flight >= self.config.max_in_flight:
+            watch.pause(now)
+            health.stalled(self.processor.name, ())
+            return
+        judged = sorted(self._admitting - self._stopped)
+        ends = await self.transport.log_ends(judged) if judged else {}
+        busy = self._marks.first_offsets()
+        views = {
+            tp: PartitionView(
+                self._offsets.get(tp), ends.get(tp), self.stats.by_partition.get(tp, 0), tp in busy
+            )
+            for tp in judged
+        }
+        if any(
+            v.end is not None and v.committed is not None and v.end < v.committed
+            for v in views.values()
+        ):
+            # A log shorter than what was committed on it: made again.
+            await self._follow_new_logs()
+            return
+        before = watch.stalled
+        stalled = watch.check(now, views)
+        health.stalled(self.processor.name, stalled)
+        self._metrics.stalled(len(stalled))
+        if stalled:
+            await self._follow_new_logs()
+        for tp in sorted(stalled & self._admitting):
+            committed = self._offsets.get(tp)
+            log.warning(
+                "%s: %s[%d] stalled: its log ends at %s, %s committed, no progress for %gs%s; "
+                "repairing its reader",
+                self.processor.name,
+                tp.topic,
+                tp.partition,
+                ends.get(tp),
+                "nothing" if committed is None else f"offset {committed}",
+                watch.timeout_s,
+                " (again)" if tp in before else "",
+            )
+            # Back to the first input not done: recreates what the transport
+            # needs to deliver again (a failure is retried by the loop).
+            await sub.seek(tp, 0 if committed is None else committed + 1)
+            watch.repaired(time.monotonic(), (tp,))
 
     async def _fetch_and_admit(self, stop: asyncio.Event) -> None:
         assert self._sub is not None, "call start() first"
@@ -459,12 +577,23 @@ class StepRunner:
     async def _recover(self) -> None:
         """After a failed or stale checkpoint: reset to what the store holds."""
         broken, self._broken = self._broken, None
+        if isinstance(broken, StorePermanentError):
+            raise broken
         if isinstance(broken, StaleBatchError):
             log.warning("%s: stale checkpoint, reloading: %s", self.processor.name, broken)
             self.stats.stale_batches += 1
         elif broken is not None:
             log.warning("%s: checkpoint failed, resetting: %s", self.processor.name, broken)
         await self._reset_or_raise()
+        if isinstance(broken, TransportError):
+            # A broker that lost its log: outputs and inputs need their topics
+            # back, and inputs are read on the new log (best effort: what
+            # fails is tried again on the next failure or stall).
+            try:
+                await self.transport.ensure_topics(dict.fromkeys(self._topics()))
+                await self._follow_new_logs()
+            except (TransportError, OSError) as exc:
+                log.debug("%s: checking the topics failed: %s", self.processor.name, exc)
         if broken is not None and not isinstance(broken, StaleBatchError):
             # Back off like any failure, after the positions were rewound.
             if isinstance(broken, TransportError | OSError):
@@ -505,11 +634,12 @@ class StepRunner:
             # Nothing of this batch is checkpointed: rewind so it is fetched
             # again, and let run() back off and retry.
             await self._reset_or_raise()
-            if isinstance(exc, TransportError | OSError):
+            if isinstance(exc, TransportError | OSError | StorePermanentError):
                 raise
             raise StoreUnavailableError(f"checkpoint commit failed: {exc}") from exc
 
     async def close(self) -> None:
+        health.forget(self.processor.name)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -621,7 +751,7 @@ class StepRunner:
         tps = list(tps)
         name = self.processor.name
         if claim:
-            self._logs.update(await self.transport.log_ids(self.processor.inputs))
+            self._logs.update(await self._current_logs())
         logged = {self._log_tp(tp): tp for tp in tps}
         if claim:
             legacy = {log_tp: tp for log_tp, tp in logged.items() if log_tp != tp}
@@ -690,6 +820,51 @@ class StepRunner:
             if tp in self._owned:
                 await self._sub.seek(tp, offset)
 
+    async def _current_logs(self) -> dict[str, str]:
+        """The input topics' logs as the broker has them now, made again if it lost them.
+
+        A broker that came back without its log (Kafka on memory storage, a
+        wiped JetStream) has no topic for a while, or one that nothing made
+        with our partition count; keeping the old log's identity then would
+        compare new offsets with old progress. So a missing topic is made
+        again here, as ``start`` made it, and its new identity read.
+        """
+        inputs = list(self.processor.inputs)
+        ids = await self.transport.log_ids(inputs)
+        missing = [t for t in inputs if t not in ids]
+        if missing:
+            log.warning("%s: topics %s are gone; making them again", self.processor.name, missing)
+            await self.transport.ensure_topics(missing)
+            ids = await self.transport.log_ids(inputs)
+            if any(t not in ids for t in inputs):
+                raise TransportError(f"topics {missing} are gone and could not be made again")
+        return ids
+
+    async def _follow_new_logs(self) -> None:
+        """Owned partitions whose topic was made again (a new log) start over on it.
+
+        Their progress under the old log is kept (it is another log's); the new
+        one is claimed and processed from its start, as on a new assignment.
+        """
+        if not self._owned:
+            return
+        ids = await self._current_logs()
+        changed = {t for t, i in ids.items() if self._logs.get(t, i) != i}
+        if not changed:
+            return
+        tps = frozenset(tp for tp in self._owned if tp.topic in changed)
+        log.warning(
+            "%s: %s made again (the broker lost its log): processing the new log from its start",
+            self.processor.name,
+            sorted(changed),
+        )
+        self._loading |= tps
+        self._update_admitting()
+        self._in_flight -= self._marks.drop(tps)
+        await self._load(tps, seek=True, claim=True)
+        self._loading -= tps
+        self._update_admitting()
+
     def _log_tp(self, tp: TopicPartition) -> TopicPartition:
         """Where the store keeps ``tp``'s progress: its log, not its logical name."""
         return TopicPartition(self._logs.get(tp.topic, tp.topic), tp.partition)
@@ -703,6 +878,8 @@ class StepRunner:
         or redo work. The partition is left alone until an operator resets it.
         """
         stored = {tp: p.offset for tp, p in progress.items() if p.offset is not None}
+        # Nothing stored (a new log): nothing to be beyond.
+        self._stopped.difference_update(set(progress) - set(stored))
         ends = await self.transport.log_ends(list(stored)) if stored else {}
         for tp, offset in stored.items():
             end = ends.get(tp)
@@ -733,7 +910,7 @@ class StepRunner:
         """``_reset``; a store failure on the way is a ``StoreUnavailableError`` (retried)."""
         try:
             await self._reset()
-        except (TransportError, OSError):
+        except (TransportError, OSError, StorePermanentError):
             raise
         except Exception as exc:
             raise StoreUnavailableError(f"cannot reload from the store: {exc}") from exc
@@ -1110,7 +1287,7 @@ class StepRunner:
             try:
                 await self.store.commit(batch)
                 return
-            except StaleBatchError:
+            except (StaleBatchError, StorePermanentError):
                 raise
             except Exception as exc:
                 if attempt == self.config.commit_attempts:
@@ -1183,6 +1360,27 @@ _commits_in_process = 0
 
 class StoreUnavailableError(RuntimeError):
     """The checkpoint store failed a commit after its retries; the batch was rewound."""
+
+
+class OutageError(RuntimeError):
+    """Failures lasted longer than the outage patience: the runner gave up (one-line message)."""
+
+
+def _permanent(exc: BaseException) -> StorePermanentError | None:
+    """The ``StorePermanentError`` behind ``exc`` (itself, or what it wraps), if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # causes chain; a short walk finds a wrapped one
+        if seen is None:
+            return None
+        if isinstance(seen, StorePermanentError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 class _BadOutput(TypeError):

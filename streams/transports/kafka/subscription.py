@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # only for annotations: transport.py imports this module
     from sluicegate.streams.transports.kafka.transport import KafkaTransport
 
 
+# Seconds an offset commit may take. Postgres holds the progress, so a commit
+# that runs out is only logged; the next one (or a restart's seek) catches up.
+COMMIT_TIMEOUT_S = 10.0
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     """Positions newly assigned partitions, then awaits the runner's callbacks.
 
@@ -206,7 +211,17 @@ class KafkaSubscription:
         kafka = self._names.kafka
         offsets = {KafkaTopicPartition(kafka(t), p): off + 1 for (t, p), off in highest.items()}
         try:
-            await self._consumer.commit(offsets)
+            # Bounded: aiokafka retries a commit the broker cannot take (a
+            # broker back without the topic answers UnknownTopicOrPartition)
+            # for as long as it is awaited, which held the runner's
+            # checkpoint, and with it SIGTERM, for minutes.
+            async with asyncio.timeout(COMMIT_TIMEOUT_S):
+                await self._consumer.commit(offsets)
+        except TimeoutError as exc:
+            raise TransportError(
+                f"committing {sorted(highest)} for {self._describe()} "
+                f"took over {COMMIT_TIMEOUT_S:g}s"
+            ) from exc
         except KafkaError as exc:
             raise _error(f"committing {sorted(highest)} for {self._describe()}", exc) from exc
 

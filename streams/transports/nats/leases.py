@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import socket
@@ -62,6 +63,9 @@ from sluicegate.streams.transports.nats.names import (
     owners_bucket,
 )
 from sluicegate.streams.transports.nats.wire import _status_of
+
+# One logger for the whole transport, named as when it was one module.
+log = logging.getLogger("sluicegate.streams.transports.nats")
 
 MEMBER, STATIC, LEASE = "m", "s", "l"
 Kind = Literal["m", "s", "l"]
@@ -235,20 +239,27 @@ class OwnerBucket:
         no-wait pull request takes them all; delete markers are left out.
         """
         timeout = self.tuning.api_timeout
+        config = ConsumerConfig(
+            filter_subject=self.subject(pattern),
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            # Removed by the server should our delete below not arrive.
+            inactive_threshold=max(timeout, 1.0),
+        )
         try:
-            info = await self.js.add_consumer(
-                self.stream,
-                ConsumerConfig(
-                    filter_subject=self.subject(pattern),
-                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                    ack_policy=AckPolicy.NONE,
-                    mem_storage=True,
-                    # Removed by the server should our delete below not arrive.
-                    inactive_threshold=max(timeout, 1.0),
-                ),
-            )
-        except NotFoundError as exc:
-            raise TransportError(f"ownership bucket {self.name} is gone: {exc}") from exc
+            info = await self.js.add_consumer(self.stream, config)
+        except NotFoundError:
+            # The bucket is kept in memory: a NATS restart loses it. Its
+            # content is soft state that every worker re-asserts on its next
+            # heartbeat, so make it again rather than fail every rebalance
+            # from now on (the leases would lapse and the partitions stall).
+            log.warning("ownership bucket %s is gone (a NATS restart?); making it again", self.name)
+            await self.open()
+            try:
+                info = await self.js.add_consumer(self.stream, config)
+            except NotFoundError as exc:
+                raise TransportError(f"ownership bucket {self.name} is gone: {exc}") from exc
         name = info.name or ""
         try:
             if not info.num_pending:

@@ -264,7 +264,16 @@ class Ownership:
         # A refresh that timed out may still have landed: then it is ours at
         # a later revision.
         current = await self.bucket.get(key)
-        if current is None or Holder.decode(current[0]) != self.holder:
+        if current is None:
+            # Gone before its TTL ran out: the bucket was lost (it lives in
+            # memory; a NATS restart empties it) and made again. The lease
+            # is still ours by time, so write it again; should another
+            # worker have written it first, it is theirs.
+            fresh = asyncio.get_running_loop().time() - self._refreshed[partition]
+            if fresh < self.tuning.lease_ttl:
+                return await self.bucket.create(key, self._lease_value)
+            return None
+        if Holder.decode(current[0]) != self.holder:
             return None
         return await self.bucket.update(key, self._lease_value, current[1])
 
