@@ -128,8 +128,6 @@ def publish(
         file = "-"  # input is piped in: read it, as cat and jq do
     app = _pipeline(pipeline_spec)
     topic = _topic(app, topic)
-    if generate_n is not None and topic != "tasks":
-        raise click.UsageError("--generate makes reference tasks, for the tasks topic only")
     settings = load_settings(transport=transport)
     # With SLUICE_OTLP_ENDPOINT set, each event starts its task's trace; spans
     # are exported (never served: this command is short-lived) and flushed at the end.

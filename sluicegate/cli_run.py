@@ -101,7 +101,9 @@ def run(
             names = app.step_names
             await run_faust_steps(chosen, settings, stop=stop, config=config, all_steps=names)
         else:
-            await run_steps(chosen, settings, stop=stop, instance=owned, config=config)
+            await run_steps(
+                chosen, settings, stop=stop, instance=owned, config=config, pipeline=app.name
+            )
 
     try:
         telemetry = configure_telemetry(settings, serve_metrics=True)

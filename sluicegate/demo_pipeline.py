@@ -113,7 +113,9 @@ async def _run(
     await migrate(settings.resolved_database_url(), schema=settings.db_schema)
     say(f"  schema {settings.db_schema} migrated; topics prefixed {settings.topic_prefix}")
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_steps(pipeline.steps, settings, stop=stop))
+    worker = asyncio.create_task(
+        run_steps(pipeline.steps, settings, stop=stop, pipeline=pipeline.name)
+    )
     transport = make_transport(settings)
     events = prepare_samples(pipeline, transport)
     await transport.connect()

@@ -111,8 +111,11 @@ async def run_steps(
     instance: tuple[int, int] | None = None,
     kind: TransportName | None = None,
     config: RunnerConfig | None = None,
+    pipeline: str = "reference",
 ) -> list[StepRunner]:
     """Run ``steps`` in this process until ``stop`` is set; returns the runners (for stats).
+
+    ``pipeline`` names them in the startup log line.
 
     ``stop`` set during start-up ends it at once (start-up waits are bounded
     anyway). A runner that gives up (an outage outlasting its patience, a
@@ -156,7 +159,9 @@ async def run_steps(
         if not await _unless_stopped(stop, connect()):
             log.warning("stopped during start-up")
             return runners
-        async with worker_log.reporting(runners, settings, transport, partitions=partitions):
+        async with worker_log.reporting(
+            runners, settings, transport, pipeline=pipeline, partitions=partitions
+        ):
             # In parallel: on Kafka each step joins its own consumer group, and
             # one after another the six groups took 6-7 s to start a worker.
             starts = asyncio.gather(*(r.start() for r in runners))
