@@ -12,14 +12,13 @@ from typing import IO, Any
 
 import click
 import orjson
-from pydantic import ValidationError
 
 from sluicegate.policy import lint
 from sluicegate.policy.bundle import BundleError, default_bundle_path
 from sluicegate.policy.decision import Decision
 from sluicegate.policy.engine import PolicyCompileError
 from sluicegate.policy.evaluator import LoadedPolicy, Request
-from sluicegate.policy.schemas import ACTION_PROPOSED, ProposedAction
+from sluicegate.policy.lines import Line, LineError, parse_line
 
 _BUNDLE = click.argument(
     "bundle",
@@ -75,14 +74,14 @@ def check_command(bundle: Path | None) -> None:
     "input_file",
     type=click.File("r"),
     required=True,
-    help="JSON lines ('-' for stdin): policy inputs, action.proposed data, or whole events.",
+    help="JSON lines ('-' for stdin), each an action, an action.proposed event or a policy input.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option(
     "--tenant",
     default="default",
     show_default=True,
-    help="Tenant of lines that are action.proposed data (events carry their own).",
+    help="Tenant of action lines (event and input lines carry their own).",
 )
 @click.option("--spend", type=float, default=0.0, help="Session spend so far, for action lines.")
 @click.option("--calls", type=int, default=0, help="Calls in the rate window, for action lines.")
@@ -96,10 +95,22 @@ def test_command(
 ) -> None:
     """Print BUNDLE's decision for each line of --input, in the spirit of `opa eval`.
 
-    A line is a policy input document (as the gate builds it: tenant, tool,
-    pii, spend, ...), the data of an action.proposed event (then --tenant,
-    --spend and --calls fill in the rest, and the output shows the rewritten
-    arguments), or a whole action.proposed event.
+    Each line is exactly one of three shapes, and the output names it:
+
+    \b
+    action  {"tool": "http_get", "args": {"url": "..."}, "agent": "assistant"}
+            a proposed tool call (action.proposed data; task_id and the
+            other data fields may be there too). --tenant, --spend and
+            --calls fill in the rest, as the gate would; the output shows
+            the arguments after redaction.
+    event   {"type": "action.proposed", "tenant": "acme", "data": {action}}
+    input   the policy input document as the gate builds it, with all of
+            tenant, agent, tool, args, args_kib, url_host, pii (a list of
+            {"kind", "path", "match"[, "digits", "luhn"]}), spend,
+            calls_in_window; evaluated as given.
+
+    A line that matches no shape, or lacks a field of its shape, is an
+    error naming what is wrong (exit 1), never a decision.
     """
     path = bundle or default_bundle_path()
     try:
@@ -109,12 +120,13 @@ def test_command(
     if not as_json:
         click.echo(f"# bundle {path} {loaded.version} ({loaded.engine.mode})", err=True)
     failures = 0
-    for number, line in enumerate(input_file, start=1):
-        if not line.strip():
+    for number, text in enumerate(input_file, start=1):
+        if not text.strip():
             continue
         try:
-            row = _decide_line(loaded, orjson.loads(line), tenant, _number(spend), calls)
-        except (orjson.JSONDecodeError, ValidationError, ValueError) as exc:
+            line = parse_line(orjson.loads(text))
+            row = _decide_line(loaded, line, tenant, _number(spend), calls)
+        except (orjson.JSONDecodeError, LineError) as exc:
             failures += 1
             message = " ".join(str(exc).split())
             click.echo(f"line {number}: error: {message}", err=True)
@@ -129,19 +141,16 @@ def _number(value: float) -> int | float:
 
 
 def _decide_line(
-    loaded: LoadedPolicy, line: Any, tenant: str, spend: int | float, calls: int
+    loaded: LoadedPolicy, line: Line, tenant: str, spend: int | float, calls: int
 ) -> dict[str, Any]:
-    if not isinstance(line, dict):
-        raise ValueError("a line must be a JSON object")
-    if line.get("type") == ACTION_PROPOSED and isinstance(line.get("data"), dict):
-        tenant, line = str(line.get("tenant") or tenant), line["data"]
-    if "task_id" not in line:
-        decision = loaded.evaluate_input(line)
-        return _row(decision, args=None)
-    action = ProposedAction.model_validate(line)
+    if line.shape == "input":
+        assert line.document is not None
+        return _row(loaded.evaluate_input(line.document), args=None, shape=line.shape)
+    action = line.action
+    assert action is not None
     verdict = loaded.decide(
         Request(
-            tenant=tenant,
+            tenant=line.tenant or tenant,
             agent=action.agent,
             tool=action.tool,
             args=action.args,
@@ -149,18 +158,18 @@ def _decide_line(
             calls_in_window=calls,
         )
     )
-    return _row(verdict.decision, args=verdict.args)
+    return _row(verdict.decision, args=verdict.args, shape=line.shape)
 
 
-def _row(decision: Decision, *, args: dict[str, Any] | None) -> dict[str, Any]:
-    row = decision.summary()
+def _row(decision: Decision, *, args: dict[str, Any] | None, shape: str) -> dict[str, Any]:
+    row = {"shape": shape, **decision.summary()}
     if args is not None:
         row["args"] = args
     return row
 
 
 def _text(row: dict[str, Any]) -> str:
-    parts = [f"{row['decision']:<6}"]
+    parts = [f"{row['shape']:<6}", f"{row['decision']:<6}"]
     if row["reasons"]:
         parts.append(",".join(row["reasons"]))
     if "cost" in row:

@@ -110,6 +110,12 @@ def publish(
     as "line N: reason: detail" and not published; blank lines are skipped.
     Input is streamed and sent in batches, so files of any size work.
 
+    On tasks (the reference pipeline) data is a task.submitted:
+    {"prompt": text (required, 1-8000 characters), "agent": a name (default
+    assistant), "metadata": an object (optional, up to 4 KiB)}; nothing else.
+    For example: {"tenant": "acme", "session": "alice", "data": {"prompt":
+    "what is 6 * 7"}}.
+
     Exit 0 when every line was published, 1 when any was rejected.
 
     \b

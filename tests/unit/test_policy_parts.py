@@ -385,6 +385,7 @@ def test_cli_test_json(tmp_path: Path) -> None:
             "tenant": "acme",
             "agent": "a",
             "tool": "shell",
+            "args": {},
             "args_kib": 1,
             "url_host": None,
             "pii": [],
@@ -411,6 +412,7 @@ def test_cli_test_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["decision"] for r in rows] == ["redact", "deny", "allow"]
+    assert [r["shape"] for r in rows] == ["action", "input", "event"]
     assert rows[0]["args"] == {"to": "[email]"}
     assert rows[1]["reasons"] == ["dangerous_tool", "tool_not_allowed"]
     assert rows[2]["args"] == {"to": "a@b.io"}, "globex does not redact e-mail"
@@ -419,11 +421,47 @@ def test_cli_test_json(tmp_path: Path) -> None:
 
 def test_cli_test_text_and_bad_lines(tmp_path: Path) -> None:
     file = tmp_path / "in.jsonl"
-    file.write_text('{"tenant": "acme", "tool": "echo"}\nnot json\n[1]\n')
+    file.write_text('{"tool": "echo", "args": {}}\nnot json\n[1]\n')
     result = CliRunner().invoke(policy_cli, ["test", "--input", str(file)])
     assert result.exit_code == 1
-    assert result.output.splitlines()[1].startswith("deny ")
+    assert result.output.splitlines()[1].startswith("action allow ")
     assert "line 2: error" in result.output and "line 3: error" in result.output
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        # A plain action with a tenant reads as a policy input, which lacks most fields.
+        (
+            {"tenant": "acme", "agent": "a", "tool": "echo", "args": {}},
+            "policy input: lacks args_kib, url_host, pii, spend, calls_in_window",
+        ),
+        (
+            {
+                "tenant": "acme",
+                "agent": "a",
+                "tool": "echo",
+                "args": {},
+                "args_kib": 1,
+                "url_host": None,
+                "pii": [{"type": "email"}],
+                "spend": 0,
+                "calls_in_window": 0,
+            },
+            "policy input: lacks pii.0.kind, pii.0.path, pii.0.match; has unknown pii.0.type",
+        ),
+        ({"agent": "a", "args": {}}, "matches no shape"),
+        ({"type": "task.submitted", "data": {}}, "an event line must be of type action.proposed"),
+    ],
+)
+def test_cli_test_refuses_a_line_of_no_shape(
+    tmp_path: Path, line: dict[str, object], error: str
+) -> None:
+    file = tmp_path / "in.jsonl"
+    file.write_text(json.dumps(line) + "\n")
+    result = CliRunner().invoke(policy_cli, ["test", "--input", str(file)])
+    assert result.exit_code == 1
+    assert f"line 1: error: {error}" in result.output
 
 
 def test_arguments_that_are_not_json_are_denied() -> None:
