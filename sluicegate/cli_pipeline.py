@@ -39,9 +39,12 @@ def resolve_pipeline(spec: str | None) -> Pipeline:
     """The pipeline ``spec`` (or ``SLUICE_PIPELINE``) names; a bad one is a usage error (exit 2)."""
     try:
         return load_pipeline(pipeline_spec(spec))
-    except (PipelineLoadError, ValueError) as exc:
-        # ValueError: the reference pipeline's SLUICE_LLM_* or tool settings.
-        raise click.BadParameter(str(exc), param_hint="'--pipeline'") from None
+    except PipelineLoadError as exc:
+        hint = "'--pipeline'" if spec else ENV_PIPELINE if os.environ.get(ENV_PIPELINE) else None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    except ValueError as exc:
+        # A step's own setting (the reference pipeline's SLUICE_LLM_*, tools).
+        raise click.UsageError(str(exc)) from None
 
 
 class StepsOption(click.Option):

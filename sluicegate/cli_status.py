@@ -24,7 +24,7 @@ from psycopg import errors
 
 from sluicegate.cli import load_settings, transport_option
 from sluicegate.cli_db import _redacted
-from sluicegate.pipeline import build_steps
+from sluicegate.cli_pipeline import resolve_pipeline
 from sluicegate.progress_view import (
     PartitionState,
     ProgressView,
@@ -193,14 +193,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def pipeline_steps() -> list[StepInputs]:
     """The pipeline's steps, as names and input topics.
 
+    The pipeline is SLUICE_PIPELINE's (as for `sluice run`), else the reference one.
     The steps themselves are dropped here, in the thread that built them:
     the policy gate's engine (regorus) must not be freed on another thread,
     and its objects sit in reference cycles, hence the collection.
     """
-    try:
-        steps = build_steps()
-    except ValueError as exc:  # a bad SLUICE_* variable of a step
-        raise click.UsageError(str(exc)) from None
+    # A bad SLUICE_PIPELINE, or a bad SLUICE_* variable of a step: one line, exit 2.
+    steps = list(resolve_pipeline(None).steps)
     infos = [StepInputs(s.name, tuple(s.inputs)) for s in steps]
     del steps
     gc.collect()

@@ -68,6 +68,10 @@ def load_pipeline(spec: str) -> Pipeline:
             # The pipeline is fine, its policy bundle is not: reported as
             # the bundle's problem (exit 2, see cli_errors), not --pipeline's.
             raise
+        except ValueError:
+            # A bad setting the function read (the reference pipeline's
+            # SLUICE_LLM_*): its own one-line message says which.
+            raise
         except Exception as exc:
             raise PipelineLoadError(f"{spec}() failed: {_one_line(exc)}") from None
         if isinstance(made, Pipeline):
