@@ -20,6 +20,8 @@ context the event carries (``streams.tracing.publish_hook``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +40,12 @@ from sluicegate.streams.codec import (
 )
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.ids import new_id
-from sluicegate.streams.transport import OutMessage, Transport
+from sluicegate.streams.transport import OutMessage, Transport, TransportError
+
+log = logging.getLogger("sluicegate.publisher")
+
+# Seconds a failing batch is retried: a NATS or Kafka restart takes a few.
+DEFAULT_RETRY_FOR_S = 30.0
 
 # Called with each event just before it is encoded; returns the event to send
 # (tracing uses it to start a trace and stamp ``traceparent``). Without one,
@@ -58,6 +65,7 @@ class Publisher:
         batch_size: int = 500,
         max_bytes: int = DEFAULT_MAX_BYTES,
         before_send: EventHook | None = None,
+        retry_for_s: float = DEFAULT_RETRY_FOR_S,
     ) -> None:
         self.transport = transport
         self.topic = topic
@@ -67,7 +75,10 @@ class Publisher:
         self.batch_size = batch_size
         self.max_bytes = max_bytes
         self.before_send = before_send
+        # How long a batch that fails (a broker restarting) is retried.
+        self.retry_for_s = retry_for_s
         self.published = 0
+        self.retries = 0  # batches sent again after a failure
         self._traced: EventHook | None = None
 
     def prepare(self, raw: Mapping[str, Any]) -> Event:
@@ -122,6 +133,39 @@ class Publisher:
         return hook or (lambda event: event)
 
     async def _flush(self, batch: Sequence[OutMessage]) -> int:
-        await self.transport.publish_batch(batch)
+        """Publish one batch, riding out a broker restart for up to ``retry_for_s``.
+
+        A retry sends the same messages, so the same event ids: NATS drops
+        the copies of what it already stored (its duplicate window), and on
+        Kafka the pipeline absorbs them by id. Giving up says what happened
+        and how much was published before.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.transport.publish_batch(batch)
+                break
+            except TransportError as exc:
+                waited = loop.time() - started
+                if waited >= self.retry_for_s:
+                    raise TransportError(
+                        f"publishing {len(batch)} events to topic {self.topic!r} failed "
+                        f"{attempt} times over {waited:.0f}s (the broker down or restarting?); "
+                        f"{self.published} events were published before them, and publishing "
+                        f"these again is safe (same ids). Last error: {exc}"
+                    ) from exc
+                self.retries += 1
+                delay = min(2.0, 0.1 * 2**attempt, self.retry_for_s - waited)
+                log.warning(
+                    "publishing to %r failed (attempt %d, retrying for up to %.0fs more): %s",
+                    self.topic,
+                    attempt,
+                    self.retry_for_s - waited,
+                    exc,
+                )
+                await asyncio.sleep(delay)
         self.published += len(batch)
         return len(batch)

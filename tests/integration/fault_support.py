@@ -9,6 +9,7 @@
   that fails (a broker restarting) with the same events, so the same ids:
   what lands twice is absorbed downstream.
 - :class:`Worker` is ``sluice run`` as a subprocess, logging to a file.
+- :class:`OwnNats` is a nats-server of the test's own, to stop and start again.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from sluicegate import localstack
+from sluicegate.localstack._process import stop_pid
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
 from sluicegate.sinks.db import connect
@@ -31,6 +35,29 @@ from sluicegate.streams.codec import encode, headers_for
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.transport import OutMessage
 from tests.integration.pipeline_support import env_for, results_count, scalar_rows
+
+
+@dataclass
+class OwnNats:
+    """A nats-server with file storage that the test may stop and start again."""
+
+    port: int
+    home: Path
+    service: localstack.RunningService | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.service = localstack.start_nats(port=self.port, home=self.home)
+
+    def stop(self, sig: signal.Signals) -> None:
+        service, self.service = self.service, None
+        if service is not None and service.pid is not None:
+            stop_pid(service.pid, sig, name="nats")
+            if service.pidfile is not None:
+                service.pidfile.unlink(missing_ok=True)
 
 
 class PgProxy:

@@ -13,15 +13,14 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sluicegate import localstack
-from sluicegate.localstack._process import stop_pid
 from sluicegate.settings import Settings
 from tests.integration.fault_support import (
+    OwnNats,
     Worker,
     assert_exactly_once,
     publish_paced,
@@ -47,29 +46,6 @@ FAULT_ENV = {
     "SLUICE_SHUTDOWN_GRACE": str(GRACE),
     "SLUICE_DRAIN_TIMEOUT": "5",
 }
-
-
-@dataclass
-class OwnNats:
-    """A nats-server with file storage that the test may stop and start again."""
-
-    port: int
-    home: Path
-    service: localstack.RunningService | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.service = localstack.start_nats(port=self.port, home=self.home)
-
-    def stop(self, sig: signal.Signals) -> None:
-        service, self.service = self.service, None
-        if service is not None and service.pid is not None:
-            stop_pid(service.pid, sig, name="nats")
-            if service.pidfile is not None:
-                service.pidfile.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -120,7 +120,9 @@ def _ack_failure(msg: Msg) -> str | None:
     """Why a JetStream publish ack reports a failure, or None for success."""
     status = _status_of(msg)
     if status == "503":
-        return "no stream listens on its subject (was the topic created?)"
+        # No responders: no stream has the subject, or the server (just
+        # restarted) has not loaded its streams yet.
+        return "no stream answered on its subject (the topic does not exist, or NATS is restarting)"
     if status is not None:
         return f"status {status} {msg.headers.get(_DESCRIPTION_HEADER, '') if msg.headers else ''}"
     if b'"error"' not in msg.data:
