@@ -352,6 +352,7 @@ class StepRunner:
         # Failure paths: when the current run of failures began (outage
         # patience), and the watch for partitions that stall silently.
         self._failing_since = 0.0
+        self._batches_at_failure = 0
         stall = self.config.stall_timeout_s
         self._stalls = StallWatch(stall) if stall > 0 else None
         self._next_stall_check = 0.0
@@ -459,6 +460,7 @@ class StepRunner:
         if failures == 0:
             self._failing_since = now
         failures += 1
+        self._batches_at_failure = self.stats.batches
         down = now - self._failing_since
         patience = self.config.outage_patience_s
         if down >= patience:
@@ -484,7 +486,15 @@ class StepRunner:
         return failures
 
     def _healthy(self, failures: int) -> int:
-        """A loop turn succeeded: the run of failures, if any, is over."""
+        """A loop turn succeeded: the run of failures is over if work got through.
+
+        A turn that only fetched is not enough: with a store or broker that
+        fails every checkpoint, fetching and resetting succeed in turn, and
+        the outage would never outlast the patience. So a checkpoint must
+        have landed since the last failure, or nothing be left in flight.
+        """
+        if failures and self._in_flight and self.stats.batches == self._batches_at_failure:
+            return failures
         if failures:
             down = time.monotonic() - self._failing_since
             log.warning(
@@ -578,6 +588,7 @@ class StepRunner:
         """After a failed or stale checkpoint: reset to what the store holds."""
         broken, self._broken = self._broken, None
         if isinstance(broken, StorePermanentError):
+            self._broken = broken  # so the drain does not try it once more
             raise broken
         if isinstance(broken, StaleBatchError):
             log.warning("%s: stale checkpoint, reloading: %s", self.processor.name, broken)
