@@ -55,7 +55,7 @@ def test_library_folders_import_one_way() -> None:
 def test_application_and_tests_import_the_libraries_under_sluicegate() -> None:
     wrong = [
         f"{path.relative_to(ROOT)}: {name}"
-        for folder in ("sluicegate", "tests", "benchmarks")
+        for folder in ("sluicegate", "tests", "benchmarks", "examples")
         for path in sorted((ROOT / folder).rglob("*.py"))
         if not any(part in LIBRARIES for part in path.relative_to(ROOT).parts[1:2])
         for name in imported_modules(path)
