@@ -63,8 +63,8 @@ class Step(Hooks, Generic[D]):
         model = _declared_model(cls)
         if model is not None and "accepts" not in cls.__dict__:
             cls.accepts = _accepts(model, cls.types)
-        if cls.__dict__.get("tick") is not None:
-            # Overriding tick is the declaration that the step ticks.
+        if "tick" in cls.__dict__ and "ticks" not in cls.__dict__:
+            # Overriding tick declares that the step ticks (unless it says otherwise).
             cls.ticks = True
 
     async def process(self, event: Event, ctx: Context[D]) -> list[Output]:
