@@ -54,6 +54,11 @@ def load_pipeline(spec: str) -> Pipeline:
     except Exception as exc:
         # Whatever the user's module raises while it loads, on one line.
         raise PipelineLoadError(_failed(module_name, exc)) from None
+    except SystemExit as exc:
+        # A module that exits when imported (a script's main at top level).
+        raise PipelineLoadError(
+            f"module {module_name!r} called sys.exit({exc.code!r}) while being imported"
+        ) from None
     target: object = module
     for part in attr.split("."):
         if not hasattr(target, part):

@@ -40,6 +40,7 @@ def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"userapp_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(APP)
     (tmp_path / f"{name}_bad.py").write_text("import json\nraise ValueError('bad config')\n")
+    (tmp_path / f"{name}_exits.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SLUICE_PIPELINE", raising=False)
     return name
@@ -61,6 +62,7 @@ def test_a_pipeline_or_a_function_returning_one(app_module: str) -> None:
         ("{m}:number", "{m}:number is not a sluicegate.Pipeline (nor a function returning one)"),
         ("{m}:broken", "{m}:broken() failed: RuntimeError: no config"),
         ("{m}:Shout", "is not a sluicegate.Pipeline"),
+        ("{m}_exits:pipeline", "module '{m}_exits' called sys.exit(3) while being imported"),
     ],
 )
 def test_bad_specs_are_one_line(app_module: str, spec: str, message: str) -> None:
