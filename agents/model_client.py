@@ -64,6 +64,7 @@ from sluicegate.agents.model_limits import (
     Sleep,
     shared_limits,
 )
+from sluicegate.streams.errors import SluiceError
 
 DEFAULT_TIMEOUT_S = 20.0
 DEFAULT_MAX_ATTEMPTS = 4
@@ -167,7 +168,7 @@ class ChatResult:
         return content if isinstance(content, str) else None
 
 
-class ModelCallError(Exception):
+class ModelCallError(SluiceError):
     """The call failed for good: retries exhausted, or a failure retrying cannot fix.
 
     ``str(exc)`` is a one-line reason such as ``endpoint answered HTTP 503

@@ -41,6 +41,7 @@ from sluicegate.agents.model_client import (
     endpoint,
 )
 from sluicegate.agents.schemas import MAX_ACTIONS, HistoryTurn, TaskAccepted, ToolCall
+from sluicegate.streams.errors import SluiceError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -72,7 +73,7 @@ SYSTEM_PROMPT = (
 _FENCE = re.compile(r"^```(?:json)?\s*(?P<body>.*?)\s*```$", re.S)
 
 
-class PlanError(ValueError):
+class PlanError(SluiceError, ValueError):
     """The model's reply is not a usable plan."""
 
 

@@ -19,13 +19,15 @@ from typing import Any
 
 import orjson
 
+from sluicegate.streams.errors import SluiceError
+
 DATA_FILE = "data.json"
 TEST_SUFFIX = "_test.rego"
 
 Signature = tuple[tuple[str, int, int], ...]
 
 
-class BundleError(Exception):
+class BundleError(SluiceError):
     """A bundle that cannot be loaded: missing directory, no policy, bad data.json."""
 
 

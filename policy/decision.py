@@ -21,6 +21,8 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from sluicegate.streams.errors import SluiceError
+
 DecisionKind = Literal["allow", "deny", "redact"]
 PathItem = str | int
 
@@ -50,7 +52,7 @@ MAX_DETAIL_BYTES: Final = 2048
 _KEYS: Final = frozenset({"decision", "reasons", "cost", "masks", "detail"})
 
 
-class MalformedDecision(ValueError):
+class MalformedDecision(SluiceError, ValueError):
     """The policy's output is not a decision the gate can act on."""
 
 

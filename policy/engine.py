@@ -35,6 +35,7 @@ import regorus
 from regorus import regorus as native
 
 from sluicegate.policy.bundle import Bundle
+from sluicegate.streams.errors import SluiceError
 
 log = logging.getLogger("sluicegate.policy")
 
@@ -58,11 +59,11 @@ class _Undefined:
 UNDEFINED: Final = _Undefined()
 
 
-class PolicyCompileError(Exception):
+class PolicyCompileError(SluiceError):
     """The bundle does not compile (syntax, unknown function, missing decision rule)."""
 
 
-class PolicyEvalError(Exception):
+class PolicyEvalError(SluiceError):
     """Evaluating the decision failed (a runtime error, the RVM instruction limit)."""
 
 

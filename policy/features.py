@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from sluicegate.policy.bundle import Bundle, BundleError
+from sluicegate.streams.errors import SluiceError
 
 # Every field the gate can provide, in the order documented in gate.rego.
 INPUT_FIELDS: Final = (
@@ -56,7 +57,7 @@ MAX_FINDINGS: Final = 128
 PathItem = str | int
 
 
-class InputTooComplex(ValueError):
+class InputTooComplex(SluiceError, ValueError):
     """The arguments are nested too deep, or hold too much PII, to be scanned."""
 
 

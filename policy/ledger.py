@@ -21,13 +21,15 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from sluicegate.streams.errors import SluiceError
+
 STATE_KEY: Final = "policy"
 # The most call times kept: bounds the state whatever the rate limit says
 # (a limit above this would see at most this many calls in its window).
 MAX_CALLS: Final = 10_000
 
 
-class LedgerError(ValueError):
+class LedgerError(SluiceError, ValueError):
     """The stored state is not what the gate writes (a bug, or a tampered store)."""
 
 

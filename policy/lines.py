@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sluicegate.policy.schemas import ACTION_PROPOSED, AgentName, ToolName
+from sluicegate.streams.errors import SluiceError
 
 Shape = Literal["action", "event", "input"]
 M = TypeVar("M", bound=BaseModel)
@@ -44,7 +45,7 @@ SHAPES_HELP = (
 )
 
 
-class LineError(ValueError):
+class LineError(SluiceError, ValueError):
     """A line that is not exactly one of the shapes; the message says what is wrong."""
 
 

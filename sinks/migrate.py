@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from sluicegate.sinks.db import DEFAULT_SCHEMA, check_schema, connect
+from sluicegate.streams.errors import SluiceError
 
 # A data directory without __init__.py (pyproject ships it as package data of
 # ``sinks``). Read as the namespace package ``sinks.migrations`` rather than as
@@ -31,7 +32,7 @@ from sluicegate.sinks.db import DEFAULT_SCHEMA, check_schema, connect
 MIGRATIONS_PACKAGE = "sluicegate.sinks.migrations"
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SluiceError, RuntimeError):
     """The database's migration record disagrees with the migration files."""
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sluicegate.agents.api import FunctionStep, Step, step
 from sluicegate.agents.graph import Pipeline
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.step import Context, DeadLetter, Output, TickContext
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ __all__ = [
     "ModelClient",
     "Output",
     "Pipeline",
+    "SluiceError",
     "Step",
     "TickContext",
     "step",

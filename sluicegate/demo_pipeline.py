@@ -27,11 +27,12 @@ from sluicegate.sinks.queries import StoredResult, verify_chains
 from sluicegate.streams.codec import DecodeError
 from sluicegate.streams.dead_letters import DLQ_TOPIC
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.publisher import Publisher
 from sluicegate.streams.transport import Transport
 
 
-class SampleError(ValueError):
+class SampleError(SluiceError, ValueError):
     """A pipeline's sample does not fit its topic's schema (or there are none)."""
 
 

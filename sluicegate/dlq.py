@@ -35,6 +35,7 @@ from sluicegate.streams.dead_letters import (
     H_DLQ_STEP,
     H_REPLAY,
 )
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.step import AuditRecord
 from sluicegate.streams.transport import Message, OutMessage, TopicPartition, Transport
 
@@ -44,7 +45,7 @@ REPLAY_KIND = "dlq_replay"
 REPLAY_CHAIN = "dlq"
 
 
-class DeadLetterError(Exception):
+class DeadLetterError(SluiceError):
     """A dead letter that cannot be shown or replayed as asked (one line)."""
 
 

@@ -18,11 +18,12 @@ import traceback
 
 from sluicegate.agents.graph import Pipeline
 from sluicegate.policy.bundle import BundleError
+from sluicegate.streams.errors import SluiceError
 
 ENV_PIPELINE = "SLUICE_PIPELINE"
 
 
-class PipelineLoadError(ValueError):
+class PipelineLoadError(SluiceError, ValueError):
     """``--pipeline`` names something that cannot be imported or is not a pipeline."""
 
 

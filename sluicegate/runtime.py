@@ -22,6 +22,7 @@ from sluicegate import worker_log
 from sluicegate.cli_errors import redact
 from sluicegate.settings import Settings, TransportName
 from sluicegate.streams.checkpoint import CheckpointStore
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.partitioning import owned_partitions
 from sluicegate.streams.runner import RunnerConfig, StepRunner
 from sluicegate.streams.step import Processor
@@ -71,7 +72,7 @@ async def open_store(settings: Settings) -> CheckpointStore:
     )
 
 
-class NotMigratedError(RuntimeError):
+class NotMigratedError(SluiceError, RuntimeError):
     """The database schema lacks migrations this version needs."""
 
 

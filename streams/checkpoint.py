@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
 from sluicegate.streams.transport import TopicPartition
 
@@ -28,11 +29,13 @@ from sluicegate.streams.transport import TopicPartition
 INPUT_KINDS = ("processed", "dead_letter")
 
 
-class StaleBatchError(RuntimeError):
+class StaleBatchError(SluiceError, RuntimeError):
     """The batch's ownership epoch is not current (or another worker committed past it)."""
 
+    retriable = True  # the runner reloads what the store holds and goes on
 
-class StorePermanentError(RuntimeError):
+
+class StorePermanentError(SluiceError, RuntimeError):
     """The store refused an operation for a reason waiting will not fix.
 
     A column or table missing after schema drift, a refused permission, a

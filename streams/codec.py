@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError
 
 CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -46,7 +47,7 @@ REASON_INVALID_DATA = "invalid_data"
 ANY_TYPE = "*"
 
 
-class DecodeError(ValueError):
+class DecodeError(SluiceError, ValueError):
     """A message that cannot become an :class:`Event`; ``reason`` says why."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -55,7 +56,7 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-class EncodeError(ValueError):
+class EncodeError(SluiceError, ValueError):
     """An event that cannot be put on the wire (too large)."""
 
 

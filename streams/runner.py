@@ -83,6 +83,7 @@ from sluicegate.streams.dead_letters import (
     dead_letter,
 )
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError, is_retriable
 from sluicegate.streams.inflight import Pending, Slot, Watermarks
 from sluicegate.streams.partitioning import partition_for
 from sluicegate.streams.stalls import PartitionView, StallWatch
@@ -412,9 +413,12 @@ class StepRunner:
             try:
                 await self.run_once()
                 failures = self._healthy(failures)
-            except (TransportError, OSError, StoreUnavailableError) as exc:
+            except Exception as exc:
                 # A broker hiccup or a rebalance error must not end the
                 # worker; the batch in hand was rewound (handle_batch).
+                # What says retrying cannot help (SluiceError.retriable) does.
+                if not (is_retriable(exc) or isinstance(exc, OSError)):
+                    raise
                 failures = await self._back_off(failures, exc)
 
     async def _run_pipelined(self, stop: asyncio.Event) -> None:
@@ -435,13 +439,15 @@ class StepRunner:
                     await self._maybe_tick()
                     await self._watch_stalls()
                     failures = self._healthy(failures)
-                except (StorePermanentError, OutageError):
-                    raise
                 except Exception as exc:
                     # Whatever fails on the way (broker, store, a rebalance
                     # callback's error re-raised by fetch) is retried with
                     # backoff until it works or the outage patience runs out:
-                    # never swallowed, never a silent stop.
+                    # never swallowed, never a silent stop. Our errors that
+                    # say retrying cannot help (a refused store, the patience
+                    # spent: SluiceError.retriable false) end the runner.
+                    if isinstance(exc, SluiceError) and not exc.retriable:
+                        raise
                     failures = await self._back_off(failures, exc)
         except asyncio.CancelledError:
             # Cancelled, not stopped: no waiting for events in flight.
@@ -1153,7 +1159,11 @@ class StepRunner:
                 # The step says retrying cannot help: dead-letter now, with its reason.
                 raise _Poison(exc.reason, exc) from exc
             except Exception as exc:  # a step's bug must not kill the worker
-                if isinstance(exc, _BadOutput) or attempt >= self.config.max_attempts:
+                # Deterministic failures (a bad output, our errors that say
+                # retrying cannot help: bad data, a plan that does not parse)
+                # are dead-lettered at once; anything else may be transient.
+                final = isinstance(exc, _BadOutput) or attempt >= self.config.max_attempts
+                if final or (isinstance(exc, SluiceError) and not exc.retriable):
                     raise _Poison("step_error", exc) from exc
                 self.stats.retries += 1
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
@@ -1369,11 +1379,13 @@ def default_owner() -> str:
 _commits_in_process = 0
 
 
-class StoreUnavailableError(RuntimeError):
+class StoreUnavailableError(SluiceError, RuntimeError):
     """The checkpoint store failed a commit after its retries; the batch was rewound."""
 
+    retriable = True
 
-class OutageError(RuntimeError):
+
+class OutageError(SluiceError, RuntimeError):
     """Failures lasted longer than the outage patience: the runner gave up (one-line message)."""
 
 

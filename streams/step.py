@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from typing_extensions import TypeVar
 
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError
 
 JSON = dict[str, Any]
 
@@ -32,7 +33,7 @@ JSON = dict[str, Any]
 D = TypeVar("D", default=Any)
 
 
-class DeadLetter(Exception):
+class DeadLetter(SluiceError):
     """Raised by a step: dead-letter this input now, without retrying it.
 
     For input the step can tell will never succeed (a ticket in a language

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.partitioning import partition_for
 
 
@@ -61,8 +62,10 @@ StartFrom = Literal["earliest", "latest"]
 PartitionsCallback = Callable[[frozenset[TopicPartition]], Awaitable[None]]
 
 
-class TransportError(RuntimeError):
+class TransportError(SluiceError, RuntimeError):
     """A broker refused or failed an operation; the message names which."""
+
+    retriable = True
 
 
 @runtime_checkable

@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sluicegate.streams.errors import SluiceError
+
 JSON = dict[str, Any]
 
 
-class ToolError(Exception):
+class ToolError(SluiceError):
     """The call failed and retrying will not help."""
 
 
 class RetryableToolError(ToolError):
+    retriable = True
+
     """The call failed for a reason that may pass (a busy backend, a dropped connection)."""
 
 

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from sluicegate.streams.errors import SluiceError
+
 LOOPBACK = "127.0.0.1"
 
 Origin = Literal["started", "reused", "configured"]
 T = TypeVar("T")
 
 
-class LocalStackError(RuntimeError):
+class LocalStackError(SluiceError, RuntimeError):
     """A local service could not be started, reached or stopped."""
 
 
