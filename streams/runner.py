@@ -306,6 +306,8 @@ class StepRunner:
         # them would redo work done above the last watermark; the seek that
         # ends the load moves the position back and they are fetched again.
         self._loading: set[TopicPartition] = set()
+        # Partitions whose load on assignment failed: retried by the fetch loop.
+        self._load_failed: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         # What admission lets in: owned, less fenced, loading and revoking
         # (one set lookup per message; _update_admitting keeps it current).
@@ -435,6 +437,8 @@ class StepRunner:
                         committer = asyncio.create_task(
                             self._committer(), name=f"{self.processor.name} commits"
                         )
+                    if self._load_failed:
+                        await self._retry_loads()
                     await self._fetch_and_admit(stop)
                     await self._maybe_tick()
                     await self._watch_stalls()
@@ -600,7 +604,9 @@ class StepRunner:
             log.warning("%s: stale checkpoint, reloading: %s", self.processor.name, broken)
             self.stats.stale_batches += 1
         elif broken is not None:
-            log.warning("%s: checkpoint failed, resetting: %s", self.processor.name, broken)
+            log.warning(
+                "%s: checkpoint failed, resetting: %s", self.processor.name, _one_line(broken)
+            )
         await self._reset_or_raise()
         if isinstance(broken, TransportError):
             # A broker that lost its log: outputs and inputs need their topics
@@ -704,16 +710,23 @@ class StepRunner:
         self._owned = self._owned | tps
         self._loading |= tps
         self._update_admitting()
-        await self._load(tps, seek=True, claim=True)
-        # Only on success: a partition whose load failed stays unadmitted
-        # (the failure stops the runner through the next fetch).
+        try:
+            await self._load(tps, seek=True, claim=True)
+        except BaseException:
+            # Unadmitted until a load succeeds: the fetch loop tries again
+            # (_retry_loads) where the transport keeps the assignment (Kafka);
+            # NATS revokes them and its next rebalance assigns them again.
+            self._load_failed |= tps
+            raise
         self._loading -= tps
+        self._load_failed -= tps
         self._update_admitting()
         self._assigned = True
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
         # Nothing new is admitted from them: the next owner fetches it.
         self._revoking |= tps
+        self._load_failed -= tps
         self._update_admitting()
         try:
             if self._running:
@@ -738,6 +751,21 @@ class StepRunner:
             self._dedupe.pop(partition, None)
         self._update_admitting()
         self._wake.set()
+
+    async def _retry_loads(self) -> None:
+        """Load partitions whose load failed on assignment (claim, seek), then admit them."""
+        tps = frozenset(self._load_failed & self._owned)
+        self._load_failed -= tps
+        if not tps:
+            return
+        try:
+            await self._load(tps, seek=True, claim=True)
+        except BaseException:
+            self._load_failed |= tps
+            raise
+        self._loading -= tps
+        self._update_admitting()
+        log.warning("%s: loaded %s after a failed assignment", self.processor.name, sorted(tps))
 
     def _update_admitting(self) -> None:
         self._admitting = self._owned - self._fenced - self._loading - self._revoking
@@ -1313,7 +1341,8 @@ class StepRunner:
             except Exception as exc:
                 if attempt == self.config.commit_attempts:
                     raise
-                log.warning("%s: checkpoint commit failed, retrying: %s", self.processor.name, exc)
+                name = self.processor.name
+                log.warning("%s: checkpoint commit failed, retrying: %s", name, _one_line(exc))
                 await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
 
     # -- time-driven work ----------------------------------------------------

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +137,27 @@ class PgProxy:
         finally:
             self._pipes.discard(writer)
             writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def pg_proxy(database_url: str) -> AsyncIterator[PgProxy]:
+    """A started :class:`PgProxy` to ``database_url``'s server, closed on exit."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(database_url)
+    proxy = PgProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def through(settings: Settings, proxy: PgProxy) -> Settings:
+    """The same settings with the database reached through ``proxy``."""
+    return settings.model_copy(
+        update={"database_url": via_proxy(settings.resolved_database_url(), proxy)}
+    )
 
 
 def via_proxy(database_url: str, proxy: PgProxy) -> str:

@@ -20,7 +20,13 @@ import pytest
 from sluicegate import localstack
 from sluicegate.localstack._process import stop_pid
 from sluicegate.settings import Settings
-from tests.integration.fault_support import Worker, assert_exactly_once, publish_paced
+from tests.integration.fault_support import (
+    Worker,
+    assert_exactly_once,
+    pg_proxy,
+    publish_paced,
+    through,
+)
 from tests.integration.pipeline_support import (
     mixed_tasks,
     prepare_database,
@@ -133,3 +139,50 @@ async def test_tansu_restarted_empty_new_tasks_are_processed(
         print(f"SIGTERM ended the worker in {took:.1f}s")
     finally:
         worker.kill()
+
+
+async def test_a_rebalance_during_a_postgres_outage_is_loaded_once_postgres_is_back(
+    kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    """Worker A's new assignment cannot be loaded (Postgres away for it); it must not stall.
+
+    Worker B joins while A's Postgres is down: the rebalance hands A partitions
+    whose load fails. Once Postgres is back, A loads them by itself (no further
+    rebalance: B keeps running), and every task gets exactly one result.
+    """
+    settings = settings_for(
+        "kafka",
+        nats_url="nats://127.0.0.1:1",
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        prefix=unique_prefix(),
+    )
+    await prepare_database(settings)
+    events = [t.event for t in mixed_tasks(1000, sessions=100)]
+    async with pg_proxy(database_url) as proxy:
+        a = Worker(through(settings, proxy), tmp_path / "a.log", FAULT_ENV)
+        b: Worker | None = None
+        try:
+            publisher = asyncio.create_task(publish_paced(settings, events, per_second=100))
+            deadline = time.monotonic() + 120
+            while await results_count(settings) < 150:
+                a.check_alive()
+                assert time.monotonic() < deadline, f"no progress: {a.tail()}"
+                await asyncio.sleep(0.2)
+            await proxy.down()
+            b = Worker(settings, tmp_path / "b.log", FAULT_ENV)
+            await asyncio.sleep(12)  # B joins; A's share cannot be loaded meanwhile
+            await proxy.back_up()
+            await publisher
+            done = await _wait_for(settings, [e.id for e in events], a, timeout_s=180)
+            b.check_alive()
+            assert done == len(events), f"{done} of {len(events)}: A {a.tail()}\nB {b.tail()}"
+            await assert_exactly_once(settings, [e.id for e in events])
+            for worker in (b, a):
+                code, took = await worker.terminate(GRACE + 10)
+                assert code == 0, f"SIGTERM: exit {code} after {took:.1f}s: {worker.tail()}"
+            assert "after a failed assignment" in a.tail(20_000) or "recovered" in a.tail(20_000)
+        finally:
+            a.kill()
+            if b is not None:
+                b.kill()

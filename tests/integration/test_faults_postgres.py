@@ -16,7 +16,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -26,8 +25,9 @@ from tests.integration.fault_support import (
     Worker,
     assert_exactly_once,
     execute_sql,
+    pg_proxy,
     publish_paced,
-    via_proxy,
+    through,
     wait_results,
 )
 from tests.integration.pipeline_support import (
@@ -53,13 +53,8 @@ FAULT_ENV = {
 
 @pytest.fixture
 async def proxy(database_url: str) -> AsyncIterator[PgProxy]:
-    parts = urlsplit(database_url)
-    pg = PgProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    await pg.start()
-    try:
-        yield pg
-    finally:
-        await pg.close()
+    async with pg_proxy(database_url) as started:
+        yield started
 
 
 def _settings(nats_url: str, database_url: str) -> Settings:
@@ -69,13 +64,6 @@ def _settings(nats_url: str, database_url: str) -> Settings:
         kafka_bootstrap="127.0.0.1:1",
         database_url=database_url,
         prefix=unique_prefix(),
-    )
-
-
-def _through(settings: Settings, proxy: PgProxy) -> Settings:
-    """The same settings with the database reached through ``proxy``."""
-    return settings.model_copy(
-        update={"database_url": via_proxy(settings.resolved_database_url(), proxy)}
     )
 
 
@@ -92,7 +80,7 @@ async def test_postgres_outage_is_ridden_out(
     settings = _settings(nats_url, database_url)
     await prepare_database(settings)
     events = [t.event for t in mixed_tasks(TASKS, sessions=200)]
-    worker = Worker(_through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
+    worker = Worker(through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
     try:
         publisher = asyncio.create_task(publish_paced(settings, events, per_second=RATE))
         await wait_results(settings, 300, timeout_s=90, worker=worker)
@@ -119,7 +107,7 @@ async def test_outage_beyond_patience_ends_the_worker_in_one_line(
     await prepare_database(settings)
     events = [t.event for t in mixed_tasks(400, sessions=40)]
     env = {**FAULT_ENV, "SLUICE_OUTAGE_PATIENCE": "8"}
-    worker = Worker(_through(settings, proxy), tmp_path / "worker.log", env)
+    worker = Worker(through(settings, proxy), tmp_path / "worker.log", env)
     try:
         await publish_paced(settings, events[:200], per_second=RATE)
         await wait_results(settings, 100, timeout_s=90, worker=worker)
@@ -143,7 +131,7 @@ async def test_sigterm_during_an_outage_ends_the_worker_within_its_grace(
     settings = _settings(nats_url, database_url)
     await prepare_database(settings)
     events = [t.event for t in mixed_tasks(2000, sessions=200)]
-    worker = Worker(_through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
+    worker = Worker(through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
     try:
         publisher = asyncio.create_task(publish_paced(settings, events, per_second=RATE))
         await wait_results(settings, 200, timeout_s=90, worker=worker)
@@ -172,7 +160,7 @@ async def test_a_postgres_that_never_answers_does_not_hang_start_up(
 ) -> None:
     settings = _settings(nats_url, database_url)
     proxy.silent()
-    worker = Worker(_through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
+    worker = Worker(through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
     try:
         code = await worker.wait_exit(3 + 5 + 15)
         assert code == 1, f"exit {code}: {worker.tail()}"
@@ -180,7 +168,7 @@ async def test_a_postgres_that_never_answers_does_not_hang_start_up(
         assert line.startswith("sluice: error:") and "Traceback" not in worker.tail(), line
         print(f"never answers: {line}")
         # SIGTERM in the middle of such a start-up ends it at once.
-        worker = Worker(_through(settings, proxy), tmp_path / "worker2.log", FAULT_ENV)
+        worker = Worker(through(settings, proxy), tmp_path / "worker2.log", FAULT_ENV)
         await asyncio.sleep(1.5)
         code, took = await worker.terminate(GRACE)
         assert code is not None and took < 3, f"exit {code} after {took:.1f}s: {worker.tail()}"

@@ -70,7 +70,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if owned and self._position is not None:
             await self._guarded(self._position(owned))
         tps = self._names.logical_tps(owned)
-        if tps and self._on_assign is not None and self.error is None:
+        # Even with an earlier error pending: a skipped on_assign would leave
+        # the runner not knowing it owns these partitions, and them unread.
+        if tps and self._on_assign is not None:
             await self._guarded(self._on_assign(tps))
         self.assigned.set()
 
@@ -269,10 +271,16 @@ class KafkaSubscription:
             raise TransportError(f"subscription of {self._describe()} is closed")
 
     def _raise_callback_error(self) -> None:
-        """Re-raise (on every call) the first exception of a rebalance callback."""
+        """Raise (once) the first exception of a rebalance callback since the last one raised.
+
+        Once: the runner backs off and retries what failed (a load of newly
+        assigned partitions during a Postgres outage) itself; raising it on
+        every fetch from then on would end the worker when it could recover.
+        """
         listener = self._listener
         if listener is not None and listener.error is not None:
-            raise listener.error
+            error, listener.error = listener.error, None
+            raise error
 
     def _describe(self) -> str:
         who = f"group {self._group_id!r}" if self._group_id else "an observer"
