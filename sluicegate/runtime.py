@@ -189,7 +189,7 @@ async def _run_all(runners: Sequence[StepRunner], stop: asyncio.Event) -> None:
             for runner in runners:
                 group.create_task(runner.run(stop), name=f"run {runner.processor.name}")
     except BaseExceptionGroup as failed:
-        raise _first_error(failed) from None
+        raise first_error(failed) from None
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
@@ -210,11 +210,11 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[Any]) -> bool:
     return True
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The first error of a task group that is not a cancellation (one line for the CLI)."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
+            return first_error(exc)
         if not isinstance(exc, asyncio.CancelledError):
             return exc
     return group.exceptions[0]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +31,7 @@ from sluicegate.faust_engine.app import app_id, build_app, table_name
 from sluicegate.faust_engine.rebalance import RebalanceBridge
 from sluicegate.faust_engine.state import MirroredStore, SessionTable
 from sluicegate.faust_engine.transport import FaustTransport
-from sluicegate.runtime import open_store, require_migrated
+from sluicegate.runtime import first_error, open_store, require_migrated
 from sluicegate.settings import Settings
 from sluicegate.streams.checkpoint import CheckpointStore
 from sluicegate.streams.runner import DLQ_TOPIC, RunnerConfig, StepRunner
@@ -115,27 +115,32 @@ class _Worker:
         for step in steps:
             await self._add(step)
         self.bridge.connect()
-        loops = [
-            asyncio.create_task(r.run(stop), name=f"runner {r.processor.name}")
-            for r in self.runners
-        ]
-        watch = asyncio.create_task(self._watch(stop), name="faust watch")
+        # One task group for the runners and the crash watch. A member that
+        # fails sets ``stop`` rather than cancelling its siblings at once, so
+        # they drain and checkpoint what is in flight before Faust goes away;
+        # the group then raises the failure (the first one, for the CLI).
+        failures: list[BaseException] = []
+
+        async def member(work: Awaitable[None]) -> None:
+            try:
+                await work
+            except Exception as exc:
+                failures.append(exc)
+                stop.set()
+
         try:
             await self.app.start()
             self._app_started = True
-            done, _ = await asyncio.wait([*loops, watch], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # a runner or Faust failed: raise it
+            async with asyncio.TaskGroup() as group:
+                for r in self.runners:
+                    group.create_task(member(r.run(stop)), name=f"runner {r.processor.name}")
+                group.create_task(member(self._watch(stop)), name="faust watch")
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
         finally:
             stop.set()
-            # Runners finish their batch in hand before Faust goes away.
-            results = await asyncio.gather(*loops, return_exceptions=True)
-            watch.cancel()
-            with suppress(asyncio.CancelledError):
-                await watch
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        if failures:
+            raise failures[0]
 
     async def _add(self, step: Processor) -> None:
         table = SessionTable(
