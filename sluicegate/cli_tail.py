@@ -17,10 +17,13 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
 
 import click
 
 from sluicegate.cli import load_settings, transport_option
+from sluicegate.cli_audit import SinceType
 from sluicegate.cli_pipeline import pipeline_option, resolve_pipeline
 from sluicegate.loading import ENV_PIPELINE
 from sluicegate.pipeline import TOPICS
@@ -33,6 +36,54 @@ from sluicegate.tailing import Filter, Seen, follow, renderer
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where tail starts: which partitions (None: all), at which offset or end."""
+
+    partitions: list[int] | None = None
+    offset: int | None = None
+    from_beginning: bool = False
+
+    def describe(self) -> str:
+        which = "all partitions" if self.partitions is None else f"partition {self.partitions[0]}"
+        if self.offset is not None:
+            return f"{which} from offset {self.offset}"
+        return f"{which}, " + ("from the beginning" if self.from_beginning else "new events only")
+
+
+def type_warning(topic: str, event_type: str) -> str | None:
+    """A warning when no step of the reference pipeline puts ``event_type`` on ``topic``.
+
+    Known types of a topic are what the steps reading it accept (they take
+    what the steps before them emit); a topic no step reads (results) is not
+    checked. A typo in --type would otherwise wait forever, silently.
+    """
+    known = topic_types().get(topic)
+    if not known or event_type in known:
+        return None
+    return (
+        f"no step of the pipeline puts type {event_type!r} on {topic} "
+        f"(it carries {', '.join(sorted(known))}): nothing may match"
+    )
+
+
+def topic_types() -> dict[str, set[str]]:
+    from sluicegate.agents.topics import DLQ
+    from sluicegate.pipeline import reference
+    from sluicegate.streams.codec import ANY_TYPE
+
+    types: dict[str, set[str]] = {}
+    for step in reference().steps:
+        for name in step.inputs:
+            accepted = set(step.accepts)
+            if ANY_TYPE in accepted or not accepted:
+                types[name] = set()  # takes anything: nothing to check against
+            elif types.get(name, accepted):
+                types[name] = types.get(name, set()) | accepted
+    types.pop(DLQ, None)
+    return types
+
+
 @click.command("tail")
 @transport_option
 @pipeline_option
@@ -43,6 +94,25 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number
 @click.option("--session", default=None, help="Only events of this session.")
 @click.option("--tenant", default=None, help="Only events of this tenant.")
 @click.option("--type", "event_type", default=None, help="Only events of this type.")
+@click.option(
+    "--partition",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only this partition (default: all).",
+)
+@click.option(
+    "--offset",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Start at this offset of each partition read (use with --partition).",
+)
+@click.option(
+    "--since",
+    type=SinceType(),
+    default=None,
+    help="Only messages the broker took in from then on: a duration ago (15m, 2h) or an ISO "
+    "time; reads from the beginning to find them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option(
     "--count", type=click.IntRange(min=1), default=None, help="Stop after N matching events."
@@ -55,6 +125,9 @@ def tail(
     session: str | None,
     tenant: str | None,
     event_type: str | None,
+    partition: int | None,
+    offset: int | None,
+    since: datetime | None,
     as_json: bool,
     count: int | None,
 ) -> None:
@@ -69,21 +142,38 @@ def tail(
     It creates the topic if it does not exist yet, as a worker would, so it
     can be started before the pipeline.
 
-    Each event is one line: time (UTC), type, tenant/session, the end of its
-    id, and a summary of its data. --json prints the CloudEvent as on the
-    wire instead; on dlq, {"dlq": {reason, error, message, step, source},
-    "event": ...}, with the raw body instead of "event" when it is not JSON.
+    Each event is one line: time (UTC), partition:offset, type,
+    tenant/session, the end of its id, and a summary of its data. --json
+    prints the CloudEvent as on the wire instead, plus its partition and
+    offset; on dlq, {"dlq": {reason, error, message, step, source}, "event":
+    ...}, with the raw body instead of "event" when it is not JSON.
 
     Exit 0 after --count events; 130 on Ctrl-C (143 on SIGTERM).
     """
     topic = _topic(pipeline_spec, topic)
     settings = load_settings(transport=transport)
-    match = Filter(tenant=tenant, session=session, type=event_type)
+    if partition is not None and partition >= settings.partitions:
+        raise click.BadParameter(
+            f"{partition} is not a partition: topics have {settings.partitions} "
+            f"(SLUICE_PARTITIONS), 0..{settings.partitions - 1}",
+            param_hint="--partition",
+        )
+    if event_type is not None:
+        warning = type_warning(topic, event_type)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+    since_ms = None if since is None else int(since.timestamp() * 1000)
+    match = Filter(tenant=tenant, session=session, type=event_type, since_ms=since_ms)
+    where = Position(
+        partitions=None if partition is None else [partition],
+        offset=offset,
+        from_beginning=from_beginning or since is not None,
+    )
     render = renderer(as_json)
     stopped_by: list[signal.Signals] = []
     try:
         asyncio.run(
-            _tail(settings, topic, from_beginning, count, match, render, stopped_by),
+            _tail(settings, topic, where, count, match, render, stopped_by),
         )
     except KeyboardInterrupt:  # a second Ctrl-C while closing
         raise click.exceptions.Exit(EXIT_CODES[signal.SIGINT]) from None
@@ -121,7 +211,7 @@ def _topic(spec: str | None, topic: str | None) -> str:
 async def _tail(
     settings: Settings,
     topic: str,
-    from_beginning: bool,
+    where: Position,
     count: int | None,
     match: Filter,
     render: Callable[[Seen], str],
@@ -155,10 +245,16 @@ async def _tail(
         await transport.ensure_topics([topic])
         # group=None: an observer, never a member of the workers' groups.
         subscription = await transport.subscribe(
-            [topic], group=None, start="earliest" if from_beginning else "latest"
+            [topic],
+            group=None,
+            partitions=where.partitions,
+            start="earliest" if where.from_beginning else "latest",
         )
         try:
-            start = "from the beginning" if from_beginning else "new events only"
+            if where.offset is not None:
+                for tp in sorted(subscription.assignment()):
+                    await subscription.seek(tp, where.offset)
+            start = where.describe()
             click.echo(
                 f"following {topic} on {transport.name} (prefix {settings.topic_prefix}), "
                 f"{start}; Ctrl-C to stop",

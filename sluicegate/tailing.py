@@ -90,17 +90,24 @@ def inspect(message: Message) -> Seen:
 
 @dataclass(frozen=True, slots=True)
 class Filter:
-    """Exact matches on tenant, session and type; None matches anything."""
+    """Exact matches on tenant, session and type, and a broker time lower bound.
+
+    None matches anything. ``since_ms`` compares the broker's timestamp of
+    the message (milliseconds since the epoch), which every message has,
+    not the event's ``time``, which a dead letter may lack.
+    """
 
     tenant: str | None = None
     session: str | None = None
     type: str | None = None
+    since_ms: int | None = None
 
     def __call__(self, seen: Seen) -> bool:
         return (
             (self.tenant is None or seen.tenant == self.tenant)
             and (self.session is None or seen.session == self.session)
             and (self.type is None or seen.type == self.type)
+            and (self.since_ms is None or seen.message.timestamp_ms >= self.since_ms)
         )
 
 
@@ -110,7 +117,8 @@ class Filter:
 def render_json(seen: Seen) -> str:
     """One line of JSON.
 
-    An event is printed as the CloudEvent it is on the wire. A dead letter is
+    An event is printed as the CloudEvent it is on the wire, plus its
+    ``partition`` and ``offset``. A dead letter is
     ``{"dlq": {reason, error, message, step, source}, "event": ...}``, since
     what went wrong travels in headers; a body that is not a JSON object is
     given as ``body`` (text) or ``body_base64`` (not UTF-8) instead of
@@ -118,7 +126,9 @@ def render_json(seen: Seen) -> str:
     """
     message = seen.message
     if message.topic != DLQ_TOPIC and seen.body is not None:
-        return orjson.dumps(seen.body).decode()
+        # Where it sits, beside its attributes (valid CloudEvents extension names).
+        placed = {**seen.body, "partition": message.partition, "offset": message.offset}
+        return orjson.dumps(placed).decode()
     out: dict[str, Any] = {}
     if message.topic == DLQ_TOPIC:
         out["dlq"] = {name: message.headers.get(header) for name, header in DLQ_FIELDS}
@@ -140,7 +150,7 @@ def render_json(seen: Seen) -> str:
 
 
 def render_line(seen: Seen) -> str:
-    """``time  type  tenant/session  short-id  summary``, terminal-safe."""
+    """``time  partition:offset  type  tenant/session  short-id  summary``, terminal-safe."""
     body = seen.body or {}
     when = _when(body.get("time"), seen.message.timestamp_ms)
     who = f"{seen.tenant or '?'}/{seen.session or '?'}"
@@ -151,7 +161,8 @@ def render_line(seen: Seen) -> str:
     else:
         kind = seen.type or "?"
         summary = summarize(seen.type, body.get("data")) if seen.body else _poison(seen)
-    parts = [when, _safe(kind, 40), _safe(who, 60), ident, summary]
+    where = f"{seen.message.partition}:{seen.message.offset}"
+    parts = [when, where, _safe(kind, 40), _safe(who, 60), ident, summary]
     return "  ".join(part for part in parts if part)
 
 

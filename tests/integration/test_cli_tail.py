@@ -133,7 +133,33 @@ def test_json_is_the_cloudevent_as_on_the_wire_and_type_filters(
 
     printed = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     wanted = {e.id: orjson.loads(encode(e)) for e in events if e.type == "task.submitted"}
+    # As on the wire, plus where each sits.
+    places = [(p.pop("partition"), p.pop("offset")) for p in printed]
+    assert all(isinstance(part, int) and isinstance(off, int) for part, off in places)
     assert {p["id"]: p for p in printed} == wanted
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_partition_and_offset_choose_where_to_start(
+    cli_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One session: one partition, in publish order.
+    events = [submitted("s1", prompt=f"task {i}") for i in range(3)]
+    asyncio.run(put(cli_settings, "tasks", events))
+    assert main(["tail", "tasks", "--from-beginning", "--json", "--count", "3"]) == 0
+    placed = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    partition, second = placed[1]["partition"], placed[1]["offset"]
+
+    args = ["tail", "tasks", "--partition", str(partition), "--offset", str(second)]
+    assert main([*args, "--count", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [f" {partition}:" in line for line in lines] == [True, True]
+    assert "task 1" in lines[0] and "task 2" in lines[1]
+
+    # --since reads from the beginning and keeps what the broker took in since.
+    assert main(["tail", "tasks", "--since", "1h", "--count", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
 
 
 @pytest.mark.parametrize("kind", KINDS)

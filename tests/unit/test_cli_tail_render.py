@@ -150,9 +150,10 @@ def test_non_json_text_body_on_a_dead_letter_is_given_as_text() -> None:
     assert orjson.loads(render_json(seen))["body"] == "plain text"
 
 
-def test_json_of_an_event_is_the_cloudevent_as_on_the_wire() -> None:
+def test_json_of_an_event_is_the_cloudevent_as_on_the_wire_and_where_it_sits() -> None:
     wire = encode(COMPLETED)
-    assert orjson.loads(render_json(inspect(of(COMPLETED)))) == orjson.loads(wire)
+    shown = orjson.loads(render_json(inspect(of(COMPLETED))))
+    assert shown == {**orjson.loads(wire), "partition": 1, "offset": 7}
 
 
 def test_a_non_json_body_on_another_topic_does_not_crash() -> None:
@@ -248,3 +249,12 @@ def test_unknown_topic_is_one_line_listing_the_pipeline_topics(
 def test_bad_count_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tail", "--count", "0"]) == 2
     assert "--count" in capsys.readouterr().err
+
+
+def test_a_type_no_step_emits_is_warned_about() -> None:
+    from sluicegate.cli_tail import type_warning
+
+    assert type_warning("tasks", "task.submitted") is None
+    assert type_warning("results", "anything") is None  # no step reads results
+    warning = type_warning("tasks", "task.submited")
+    assert warning is not None and "task.submitted" in warning
