@@ -161,7 +161,6 @@ def test_partition_and_offset_choose_where_to_start(
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_dead_letters_show_their_headers_and_poison_bodies_safely(
     cli_settings: Settings, capsys: pytest.CaptureFixture[str]
