@@ -186,3 +186,29 @@ async def test_a_rebalance_during_a_postgres_outage_is_loaded_once_postgres_is_b
             a.kill()
             if b is not None:
                 b.kill()
+
+
+async def test_sigterm_while_kafka_is_down_ends_the_worker_within_its_grace(
+    own_tansu: OwnTansu, database_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(own_tansu, database_url)
+    await prepare_database(settings)
+    events = [t.event for t in mixed_tasks(1000, sessions=100)]
+    worker = Worker(settings, tmp_path / "worker.log", FAULT_ENV)
+    try:
+        publisher = asyncio.create_task(publish_paced(settings, events, per_second=200))
+        deadline = time.monotonic() + 120
+        while await results_count(settings) < 200:
+            worker.check_alive()
+            assert time.monotonic() < deadline, f"no progress before the fault: {worker.tail()}"
+            await asyncio.sleep(0.2)
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await asyncio.to_thread(own_tansu.stop)
+        await asyncio.sleep(3)  # into the retry loops and commits that cannot land
+        code, took = await worker.terminate(GRACE + 5)
+        assert code is not None, f"still running {took:.0f}s after SIGTERM: {worker.tail()}"
+        assert took <= GRACE + 2, f"SIGTERM took {took:.1f}s (grace {GRACE:g}s)"
+        print(f"SIGTERM while Kafka is down: exit {code} after {took:.1f}s")
+    finally:
+        worker.kill()

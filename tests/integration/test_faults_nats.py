@@ -10,6 +10,7 @@ chains must verify, and SIGTERM must still end the worker within its grace.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.integration.pipeline_support import (
     prepare_database,
     publish_events,
     results_count,
+    scalar_rows,
     settings_for,
     unique_prefix,
 )
@@ -137,5 +139,72 @@ async def test_nats_sigkill_15s_down_under_paced_load(
         retried = await publisher
         print(f"NATS SIGKILL, 15 s down, paced: the publisher retried {retried} chunks;")
         await _finish(settings, worker, [e.id for e in events], back_at)
+    finally:
+        worker.kill()
+
+
+async def test_nats_that_lost_its_log_takes_new_tasks(
+    own_nats: OwnNats, database_url: str, tmp_path: Path
+) -> None:
+    """The server comes back with its storage wiped: streams, consumers and leases gone.
+
+    What it held is lost; the worker (never restarted) must make the streams
+    again, read them as new logs and do every new task exactly once.
+    """
+    settings = _settings(own_nats, database_url)
+    await prepare_database(settings)
+    before = [t.event for t in mixed_tasks(600, sessions=60)]
+    worker = Worker(settings, tmp_path / "worker.log", FAULT_ENV)
+    try:
+        await publish_paced(settings, before, per_second=RATE)
+        await wait_results(settings, 300, timeout_s=90, worker=worker)
+        await asyncio.to_thread(own_nats.stop, signal.SIGKILL)
+        shutil.rmtree(own_nats.home / "nats")
+        await asyncio.to_thread(own_nats.start)
+        back_at = time.monotonic()
+        after = [
+            t.event.model_copy(update={"session": f"after-{t.event.session}"})
+            for t in mixed_tasks(1000, sessions=100)
+        ]
+        await publish_paced(settings, after, per_second=RATE)
+        wanted = {e.id for e in after}
+        deadline = time.monotonic() + 180
+        while True:
+            worker.check_alive()
+            rows = await scalar_rows(settings, "SELECT task_id FROM results")
+            stored = {str(r[0]) for r in rows}
+            if wanted <= stored:
+                break
+            assert time.monotonic() < deadline, (
+                f"{len(wanted & stored)} of {len(wanted)} new tasks done: {worker.tail()}"
+            )
+            await asyncio.sleep(0.25)
+        print(f"NATS lost its log: all new tasks done {time.monotonic() - back_at:.1f}s after")
+        done_before = [e.id for e in before if e.id in stored]
+        await assert_exactly_once(settings, done_before + [e.id for e in after])
+        code, took = await worker.terminate(GRACE + 10)
+        assert code == 0, f"SIGTERM: exit {code} after {took:.1f}s: {worker.tail()}"
+    finally:
+        worker.kill()
+
+
+async def test_sigterm_while_nats_is_down_ends_the_worker_within_its_grace(
+    own_nats: OwnNats, database_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(own_nats, database_url)
+    await prepare_database(settings)
+    events = [t.event for t in mixed_tasks(2000, sessions=200)]
+    worker = Worker(settings, tmp_path / "worker.log", FAULT_ENV)
+    try:
+        publisher = asyncio.create_task(publish_paced(settings, events, per_second=RATE))
+        await wait_results(settings, 300, timeout_s=90, worker=worker)
+        await asyncio.to_thread(own_nats.stop, signal.SIGKILL)
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await asyncio.sleep(3)  # into the retry loops
+        code, took = await worker.terminate(GRACE + 5)
+        assert code is not None, f"still running {took:.0f}s after SIGTERM: {worker.tail()}"
+        assert took <= GRACE + 2, f"SIGTERM took {took:.1f}s (grace {GRACE:g}s)"
+        print(f"SIGTERM while NATS is down: exit {code} after {took:.1f}s")
     finally:
         worker.kill()

@@ -171,7 +171,10 @@ class Ownership:
             if self._keepalive is not None:
                 await asyncio.gather(self._keepalive, return_exceptions=True)
             await self._unwatch()
-            if not self.bucket.nc.is_closed:
+            # Not while NATS is away: each delete would wait out its timeout
+            # and hold up the shutdown; the leases expire after their TTL,
+            # as a crashed worker's do.
+            if self.bucket.nc.is_connected:
                 await self._release(self.held())
                 with contextlib.suppress(NatsError, TimeoutError):
                     await self.bucket.delete(self._member_key)

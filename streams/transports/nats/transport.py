@@ -187,6 +187,11 @@ class NatsTransport:
         nc, self._nc, self._js = self._nc, None, None
         if nc is None or nc.is_closed:
             return
+        if not nc.is_connected:
+            # Reconnecting (the server is away): nothing to drain, and
+            # waiting for it would only hold up a worker's shutdown.
+            await self._abandon(nc)
+            return
         try:
             await asyncio.wait_for(nc.drain(), self.tuning.api_timeout + 1)
         except Exception:
