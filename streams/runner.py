@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections import deque
@@ -154,6 +155,10 @@ class RunnerConfig:
     # window absorbs an upstream step's replayed outputs.
     dedupe_window: int | None = None
     max_event_bytes: int = 1024 * 1024
+    # Testing aid: SIGKILL this process right after this many checkpoint commits
+    # (of all runners in the process), before the broker ack: the narrowest
+    # window of the commit protocol.
+    crash_after_commits: int | None = None
     # How long run() rides out consecutive broker or store failures (backing
     # off, at most 5 s between attempts) before it gives up with an
     # OutageError (SLUICE_OUTAGE_PATIENCE). Permanent store errors end it at once.
@@ -1299,8 +1304,7 @@ class StepRunner:
             await self.transport.publish_batch(pending.produce)
         if not batch.is_empty():
             await self._commit_with_retry(batch)
-            for hook in _commit_hooks:
-                hook(self.processor.name)
+            self._maybe_crash()
         self._marks.release(moved)
         for tp, passed in moved.items():
             self._offsets[tp] = passed[-1].offset
@@ -1326,6 +1330,15 @@ class StepRunner:
             self._sub,
         )
         self._metrics.load(self._in_flight, max(map(len, self._keys.values()), default=0))
+
+    def _maybe_crash(self) -> None:
+        global _commits_in_process
+        if self.config.crash_after_commits is None:
+            return
+        _commits_in_process += 1
+        if _commits_in_process >= self.config.crash_after_commits:
+            log.warning("%s: crashing on purpose after a checkpoint commit", self.processor.name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _commit_with_retry(self, batch: CommitBatch) -> None:
         """Commit, retrying transient store failures; the transaction is all or nothing."""
@@ -1401,17 +1414,8 @@ def default_owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-# Called with the step's name after each checkpoint commit lands in Postgres,
-# before the outputs' inputs are acked to the broker: the narrowest window of
-# the commit protocol. The crash tests install one that SIGKILLs the worker
-# there (tests/integration/crash_worker.py); nothing in the product does.
-CommitHook = Callable[[str], None]
-_commit_hooks: list[CommitHook] = []
-
-
-def add_commit_hook(hook: CommitHook) -> None:
-    """Call ``hook(step)`` after every checkpoint commit of every runner in this process."""
-    _commit_hooks.append(hook)
+# Checkpoint commits of every runner in this process (for crash_after_commits).
+_commits_in_process = 0
 
 
 class StoreUnavailableError(SluiceError, RuntimeError):
