@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +261,32 @@ async def wait_results(
             return count
         await asyncio.sleep(0.2)
     return count
+
+
+async def readyz_until(
+    port: int, wanted: Callable[[int, str], bool], *, timeout_s: float = 30.0
+) -> tuple[int, str]:
+    """Poll the worker's ``/readyz`` until ``wanted(status, body)``; (status, body) then."""
+    import urllib.error
+    import urllib.request
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, repr(exc)
+
+    deadline = time.monotonic() + timeout_s
+    seen = (0, "")
+    while time.monotonic() < deadline:
+        seen = await asyncio.to_thread(get)
+        if wanted(*seen):
+            return seen
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"/readyz never as wanted within {timeout_s:g}s; last: {seen}")
 
 
 async def execute_sql(settings: Settings, statement: str) -> None:

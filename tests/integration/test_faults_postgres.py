@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sluicegate import localstack
 from sluicegate.settings import Settings
 from tests.integration.fault_support import (
     PgProxy,
@@ -27,6 +28,7 @@ from tests.integration.fault_support import (
     execute_sql,
     pg_proxy,
     publish_paced,
+    readyz_until,
     through,
     wait_results,
 )
@@ -80,15 +82,22 @@ async def test_postgres_outage_is_ridden_out(
     settings = _settings(nats_url, database_url)
     await prepare_database(settings)
     events = [t.event for t in mixed_tasks(TASKS, sessions=200)]
-    worker = Worker(through(settings, proxy), tmp_path / "worker.log", FAULT_ENV)
+    port = localstack.free_port()
+    env = {**FAULT_ENV, "SLUICE_METRICS_PORT": str(port)}
+    worker = Worker(through(settings, proxy), tmp_path / "worker.log", env)
     try:
         publisher = asyncio.create_task(publish_paced(settings, events, per_second=RATE))
         await wait_results(settings, 300, timeout_s=90, worker=worker)
         await proxy.down()
-        await asyncio.sleep(down_s)
+        went_down = time.monotonic()
+        # Not ready meanwhile, saying why.
+        status, why = await readyz_until(port, lambda code, body: code == 503 and "failing" in body)
+        print(f"/readyz during the outage: {status} {why}")
+        await asyncio.sleep(max(0.0, down_s - (time.monotonic() - went_down)))
         worker.check_alive()
         await proxy.back_up()
         back_at = time.monotonic()
+        await readyz_until(port, lambda code, body: code == 200, timeout_s=60)
         await publisher
         reached = await wait_results(settings, TASKS, timeout_s=120, worker=worker)
         assert reached == TASKS, f"{reached} of {TASKS} results: {worker.tail()}"
