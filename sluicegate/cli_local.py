@@ -1,4 +1,4 @@
-"""``sluice local up|down|status``: the local stack from the command line.
+"""``sluice local up|down|reset|status``: the local stack from the command line.
 
 Thin: the work is in ``sluicegate.localstack``; this module parses flags,
 loads settings and prints.
@@ -7,6 +7,7 @@ loads settings and prints.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -73,6 +74,37 @@ def down(services: tuple[str, ...]) -> None:
         click.echo(f"stopped {service.name} (pid {service.pid}, {service.url})")
     if not stopped:
         click.echo("nothing to stop: no local server is running")
+
+
+@local.command(short_help="Stop the local servers, delete their data, start them afresh.")
+@services_argument
+@click.option("--yes", is_flag=True, help="Do not ask; needed without a terminal.")
+def reset(services: tuple[str, ...], yes: bool) -> None:
+    """Delete the local servers' data (streams, topics, databases) and start afresh.
+
+    Stops the local servers, removes their data under SLUICE_HOME (logs
+    stay), and starts again those that were running, printing their
+    SLUICE_* exports as `up` does. Configured services are never touched.
+    SERVICES limits it to some of: nats, kafka, postgres.
+    """
+    settings = load_settings()
+    which = ", ".join(services) if services else "nats, kafka, postgres"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("reset deletes data: pass --yes to confirm without a terminal")
+        click.confirm(
+            f"Delete the data of the local {which} under {settings.home}?", abort=True, err=True
+        )
+    with reported_errors():
+        wiped = localstack.reset(settings, services or None)
+        again = [w.name for w in wiped if w.was_running]
+        running = localstack.up(settings, again) if again else []
+    for item in wiped:
+        click.echo(f"reset {item.name}: freed {item.freed_bytes / 1e6:,.1f} MB", err=True)
+    if not wiped:
+        click.echo("nothing to reset: every service asked for is configured", err=True)
+    for line in localstack.env_lines(running):
+        click.echo(line)
 
 
 @local.command(short_help="Show each service's state, URL and pid.")

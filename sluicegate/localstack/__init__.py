@@ -19,8 +19,10 @@ from sluicegate.localstack.postgres_server import start_postgres
 from sluicegate.localstack.stack import (
     SERVICE_NAMES,
     ServiceStatus,
+    Wiped,
     down,
     env_lines,
+    reset,
     status,
     up,
 )
@@ -32,9 +34,11 @@ __all__ = [
     "PortInUseError",
     "RunningService",
     "ServiceStatus",
+    "Wiped",
     "down",
     "env_lines",
     "free_port",
+    "reset",
     "start_kafka",
     "start_nats",
     "start_postgres",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def nats_server_binary() -> Path:
 
 
 MAX_PAYLOAD = 2 * 1024 * 1024
+MAX_FILE_STORE = 2 * 1024**3
 
 
 def start_nats(*, port: int, home: Path, timeout: float = 30.0) -> RunningService:
@@ -48,7 +50,14 @@ def start_nats(*, port: int, home: Path, timeout: float = 30.0) -> RunningServic
     config = home / "nats.conf"
     # The server's default max_payload (1 MiB, headers included) is below a
     # full-size event (1 MiB body) plus its headers; allow a little more.
-    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    # JetStream's file store is capped: a laptop's stack must not fill the
+    # disk (streams made for the local stack have their own limits too, see
+    # runtime.make_transport; this is the backstop).
+    config.write_text(
+        f"max_payload: {MAX_PAYLOAD}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n"
+        f"  max_file_store: {MAX_FILE_STORE}\n}}\n"
+    )
     argv = [
         str(nats_server_binary()),
         "-c",
@@ -58,8 +67,6 @@ def start_nats(*, port: int, home: Path, timeout: float = 30.0) -> RunningServic
         "-p",
         str(port),
         "-js",
-        "-sd",
-        str(store),
     ]
     return launch(
         NATS,

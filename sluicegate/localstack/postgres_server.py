@@ -248,6 +248,12 @@ def start_postgres(*, port: int, home: Path, timeout: float = 60.0) -> RunningSe
         f"listen_addresses={LOOPBACK}",
         "-c",
         "unix_socket_directories=",
+        # Keep pg_wal small (the default lets it reach 1 GB): a local stack
+        # trades a little checkpoint I/O for a bounded footprint.
+        "-c",
+        "max_wal_size=96MB",
+        "-c",
+        "min_wal_size=32MB",
     ]
     return launch(
         POSTGRES,

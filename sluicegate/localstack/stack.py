@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import shlex
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,49 @@ def down(settings: Settings, services: Sequence[str] | None = None) -> list[Runn
                 running.stop()
                 stopped.append(running)
     return stopped
+
+
+# Where each service keeps its data under the home (logs and pid files stay).
+DATA_DIRS: dict[str, str] = {"nats": "nats", "kafka": "kafka", "postgres": "postgres"}
+
+
+@dataclass(frozen=True)
+class Wiped:
+    name: str
+    freed_bytes: int
+    was_running: bool
+
+
+def reset(settings: Settings, services: Sequence[str] | None = None) -> list[Wiped]:
+    """Stop the local services and delete their data under the home.
+
+    Configured services (their URL set) are the user's: never touched. What
+    was running is reported so the caller can start it again, afresh.
+    """
+    home = home_of(settings)
+    wiped: list[Wiped] = []
+    with exclusive(home):
+        for kind in _kinds(services):
+            if configured_url(kind, settings) is not None:
+                continue
+            running = find_running(kind, home)
+            if running is not None:
+                running.stop()
+            data = home / DATA_DIRS[kind.name]
+            freed = _size(data)
+            if data.exists():
+                shutil.rmtree(data)
+            wiped.append(Wiped(kind.name, freed, running is not None))
+    return wiped
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for item in path.rglob("*") if path.exists() else ():
+        with contextlib.suppress(OSError):  # a file removed meanwhile
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+    return total
 
 
 @contextlib.contextmanager

@@ -143,3 +143,71 @@ def test_taken_port_fails_up_and_stops_what_it_started(
     assert "SLUICE_LOCAL_KAFKA_PORT" in result.stderr
     assert not processes_mentioning(home)
     assert sluice.status()["nats"]["state"] == "stopped"
+
+
+def test_reset_wipes_the_data_and_starts_afresh(
+    sluice: Sluice, home: Path, ports: dict[str, int]
+) -> None:
+    up = sluice("local", "up", "nats")
+    assert up.returncode == 0, up.stderr
+    url = exports(up.stdout)["SLUICE_NATS_URL"]
+    # A stream made for the local stack: bounded by age and size.
+    made = subprocess.run(
+        [sys.executable, "-c", MAKE_STREAM, url],
+        env={**sluice.env, "SLUICE_NATS_URL": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split() == [str(256 * 1024 * 1024), "86400.0"]
+    assert "max_file_store" in (home / "nats.conf").read_text()
+
+    refused = sluice("local", "reset", "nats")  # no terminal, no --yes
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    reset = sluice("local", "reset", "nats", "--yes")
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stderr.startswith("reset nats: freed ")
+    assert exports(reset.stdout) == {"SLUICE_NATS_URL": url}  # running again
+    streams = subprocess.run(
+        [sys.executable, "-c", COUNT_STREAMS, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert streams.stdout.strip() == "0", streams.stderr
+
+
+MAKE_STREAM = """
+import asyncio, sys
+import nats
+from sluicegate.runtime import make_transport
+from sluicegate.settings import Settings
+
+async def main():
+    settings = Settings(local_nats_port=int(sys.argv[1].rsplit(":", 1)[1]))
+    transport = make_transport(settings, "nats")
+    await transport.connect()
+    await transport.ensure_topics(["tasks"])
+    await transport.close()
+    nc = await nats.connect(sys.argv[1])
+    info = await nc.jetstream().stream_info("sluice_tasks")
+    print(info.config.max_bytes, info.config.max_age)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+COUNT_STREAMS = """
+import asyncio, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    print(len(await nc.jetstream().streams_info()))
+    await nc.close()
+
+asyncio.run(main())
+"""
