@@ -480,7 +480,8 @@ class StepRunner:
                 f"(outage patience {patience:g}s, SLUICE_OUTAGE_PATIENCE): {_one_line(exc)}"
             ) from exc
         delay = min(5.0, self.config.retry_backoff_s * 2**failures)
-        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)}")
+        # Short: /readyz joins the reasons of every step.
+        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)[:160]}")
         # The first attempts, then about one line a minute: an outage of
         # minutes must not flood the log.
         if failures <= 3 or failures % 12 == 0:
