@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import click
 
@@ -86,10 +85,6 @@ def run(
     configure_logging(log_level, library_log_level)
 
     config = settings.runner_config()
-    crash_after = os.environ.get("SLUICE_TEST_CRASH_AFTER_COMMITS")
-    if crash_after:
-        # For the crash tests: die right after a checkpoint commit, before the ack.
-        config.crash_after_commits = int(crash_after)
 
     async def main() -> None:
         stop = asyncio.Event()

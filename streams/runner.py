@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections import deque
@@ -155,10 +154,6 @@ class RunnerConfig:
     # window absorbs an upstream step's replayed outputs.
     dedupe_window: int | None = None
     max_event_bytes: int = 1024 * 1024
-    # Testing aid: SIGKILL this process right after this many checkpoint commits
-    # (of all runners in the process), before the broker ack: the narrowest
-    # window of the commit protocol.
-    crash_after_commits: int | None = None
     # How long run() rides out consecutive broker or store failures (backing
     # off, at most 5 s between attempts) before it gives up with an
     # OutageError (SLUICE_OUTAGE_PATIENCE). Permanent store errors end it at once.
@@ -441,8 +436,7 @@ class StepRunner:
                         await self._retry_loads()
                     await self._fetch_and_admit(stop)
                     await self._maybe_tick()
-                    if not failures:  # (during an outage nothing progresses anyway)
-                        await self._watch_stalls()
+                    await self._watch_stalls()
                     failures = self._healthy(failures)
                 except Exception as exc:
                     # Whatever fails on the way (broker, store, a rebalance
@@ -480,8 +474,7 @@ class StepRunner:
                 f"(outage patience {patience:g}s, SLUICE_OUTAGE_PATIENCE): {_one_line(exc)}"
             ) from exc
         delay = min(5.0, self.config.retry_backoff_s * 2**failures)
-        # Short: /readyz joins the reasons of every step.
-        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)[:160]}")
+        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)}")
         # The first attempts, then about one line a minute: an outage of
         # minutes must not flood the log.
         if failures <= 3 or failures % 12 == 0:
@@ -695,14 +688,10 @@ class StepRunner:
         await asyncio.gather(stop_committer, return_exceptions=True)
         if self._broken is None and not self._needs_reset:
             try:
-                # Bounded like the drain: with the broker or store away, a
-                # checkpoint would wait out every ack and statement timeout
-                # while the shutdown grace runs out.
-                async with asyncio.timeout(max(1.0, self.config.drain_timeout_s)):
-                    async with self._commit_lock:
-                        await self._checkpoint()
+                async with self._commit_lock:
+                    await self._checkpoint()
             except Exception as exc:  # the next owner fetches it again
-                log.warning("%s: final checkpoint failed: %s", self.processor.name, _one_line(exc))
+                log.warning("%s: final checkpoint failed: %s", self.processor.name, exc)
         if unfinished:
             log.info(
                 "%s: %d keys still busy at shutdown; their inputs are fetched again",
@@ -786,15 +775,10 @@ class StepRunner:
                     await self._wake.wait()
         if self._broken is None:
             try:
-                # Bounded: a revoke (or a shutdown) must not wait out every
-                # ack and statement timeout of a broker or store that is away.
-                async with asyncio.timeout(max(1.0, self.config.drain_timeout_s)):
-                    async with self._commit_lock:
-                        await self._checkpoint()
+                async with self._commit_lock:
+                    await self._checkpoint()
             except Exception as exc:
-                log.warning(
-                    "%s: checkpoint before revoke failed: %s", self.processor.name, _one_line(exc)
-                )
+                log.warning("%s: checkpoint before revoke failed: %s", self.processor.name, exc)
                 self._broken = exc
 
     async def _load(self, tps: Iterable[TopicPartition], *, seek: bool, claim: bool) -> None:
@@ -1305,7 +1289,8 @@ class StepRunner:
             await self.transport.publish_batch(pending.produce)
         if not batch.is_empty():
             await self._commit_with_retry(batch)
-            self._maybe_crash()
+            for hook in _commit_hooks:
+                hook(self.processor.name)
         self._marks.release(moved)
         for tp, passed in moved.items():
             self._offsets[tp] = passed[-1].offset
@@ -1331,15 +1316,6 @@ class StepRunner:
             self._sub,
         )
         self._metrics.load(self._in_flight, max(map(len, self._keys.values()), default=0))
-
-    def _maybe_crash(self) -> None:
-        global _commits_in_process
-        if self.config.crash_after_commits is None:
-            return
-        _commits_in_process += 1
-        if _commits_in_process >= self.config.crash_after_commits:
-            log.warning("%s: crashing on purpose after a checkpoint commit", self.processor.name)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _commit_with_retry(self, batch: CommitBatch) -> None:
         """Commit, retrying transient store failures; the transaction is all or nothing."""
@@ -1415,8 +1391,17 @@ def default_owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-# Checkpoint commits of every runner in this process (for crash_after_commits).
-_commits_in_process = 0
+# Called with the step's name after each checkpoint commit lands in Postgres,
+# before the outputs' inputs are acked to the broker: the narrowest window of
+# the commit protocol. The crash tests install one that SIGKILLs the worker
+# there (tests/integration/crash_worker.py); nothing in the product does.
+CommitHook = Callable[[str], None]
+_commit_hooks: list[CommitHook] = []
+
+
+def add_commit_hook(hook: CommitHook) -> None:
+    """Call ``hook(step)`` after every checkpoint commit of every runner in this process."""
+    _commit_hooks.append(hook)
 
 
 class StoreUnavailableError(SluiceError, RuntimeError):

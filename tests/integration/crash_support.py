@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sluicegate.settings import Settings
 from sluicegate.streams.envelope import Event
+from tests.integration.crash_worker import CRASH_ENV
 from tests.integration.pipeline_support import (
     all_results,
     env_for,
@@ -25,6 +26,8 @@ from tests.integration.pipeline_support import (
     scalar_rows,
     wait_for_results,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn_worker(
@@ -34,14 +37,23 @@ def spawn_worker(
     args: Sequence[str] = (),
     crash_after_commits: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``sluice run [args]`` as a subprocess, logging to ``log``."""
+    """``sluice run [args]`` as a subprocess, logging to ``log``.
+
+    With ``crash_after_commits`` it is the crash tests' worker
+    (``tests.integration.crash_worker``), which SIGKILLs itself after that
+    many checkpoint commits.
+    """
     env = {**os.environ, **env_for(settings)}
+    entry = "sluicegate"
     if crash_after_commits is not None:
-        env["SLUICE_TEST_CRASH_AFTER_COMMITS"] = str(crash_after_commits)
-    argv = [sys.executable, "-m", "sluicegate", "run", *args, "--log-level", "WARNING"]
+        env[CRASH_ENV] = str(crash_after_commits)
+        entry = "tests.integration.crash_worker"
+    argv = [sys.executable, "-m", entry, "run", *args, "--log-level", "WARNING"]
     # The log goes to a file, not a pipe: a full pipe would stall the worker.
+    # The crash worker runs from the repository's root, where -m finds tests/.
+    cwd = REPO_ROOT if crash_after_commits is not None else None
     with log.open("ab") as sink:
-        return subprocess.Popen(argv, env=env, stdout=sink, stderr=sink)
+        return subprocess.Popen(argv, env=env, stdout=sink, stderr=sink, cwd=cwd)
 
 
 async def wait_then_kill(
