@@ -436,7 +436,8 @@ class StepRunner:
                         await self._retry_loads()
                     await self._fetch_and_admit(stop)
                     await self._maybe_tick()
-                    await self._watch_stalls()
+                    if not failures:  # (during an outage nothing progresses anyway)
+                        await self._watch_stalls()
                     failures = self._healthy(failures)
                 except Exception as exc:
                     # Whatever fails on the way (broker, store, a rebalance
@@ -474,7 +475,8 @@ class StepRunner:
                 f"(outage patience {patience:g}s, SLUICE_OUTAGE_PATIENCE): {_one_line(exc)}"
             ) from exc
         delay = min(5.0, self.config.retry_backoff_s * 2**failures)
-        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)}")
+        # Short: /readyz joins the reasons of every step.
+        health.outage(name, f"failing for {down:.0f}s: {_one_line(exc)[:160]}")
         # The first attempts, then about one line a minute: an outage of
         # minutes must not flood the log.
         if failures <= 3 or failures % 12 == 0:
@@ -688,10 +690,14 @@ class StepRunner:
         await asyncio.gather(stop_committer, return_exceptions=True)
         if self._broken is None and not self._needs_reset:
             try:
-                async with self._commit_lock:
-                    await self._checkpoint()
+                # Bounded like the drain: with the broker or store away, a
+                # checkpoint would wait out every ack and statement timeout
+                # while the shutdown grace runs out.
+                async with asyncio.timeout(max(1.0, self.config.drain_timeout_s)):
+                    async with self._commit_lock:
+                        await self._checkpoint()
             except Exception as exc:  # the next owner fetches it again
-                log.warning("%s: final checkpoint failed: %s", self.processor.name, exc)
+                log.warning("%s: final checkpoint failed: %s", self.processor.name, _one_line(exc))
         if unfinished:
             log.info(
                 "%s: %d keys still busy at shutdown; their inputs are fetched again",
@@ -775,10 +781,15 @@ class StepRunner:
                     await self._wake.wait()
         if self._broken is None:
             try:
-                async with self._commit_lock:
-                    await self._checkpoint()
+                # Bounded: a revoke (or a shutdown) must not wait out every
+                # ack and statement timeout of a broker or store that is away.
+                async with asyncio.timeout(max(1.0, self.config.drain_timeout_s)):
+                    async with self._commit_lock:
+                        await self._checkpoint()
             except Exception as exc:
-                log.warning("%s: checkpoint before revoke failed: %s", self.processor.name, exc)
+                log.warning(
+                    "%s: checkpoint before revoke failed: %s", self.processor.name, _one_line(exc)
+                )
                 self._broken = exc
 
     async def _load(self, tps: Iterable[TopicPartition], *, seek: bool, claim: bool) -> None:
