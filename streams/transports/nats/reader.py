@@ -196,8 +196,12 @@ class _PartitionReader:
         self._request, self._remaining, self._server_pending = None, 0, 0
         self._busy_until = 0.0
         self._last_seq = seq - 1
-        await self._recreate(seq)
+        # Listening first: should the recreate fail (NATS away), the reader
+        # keeps an inbox, so the retried seek or the stall watch's repair
+        # finds it in a state that can deliver, never one pulling into an
+        # inbox nobody reads.
         await self._listen()
+        await self._recreate(seq)
 
     async def close(self) -> None:
         await self._unlisten()
