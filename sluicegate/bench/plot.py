@@ -1,5 +1,10 @@
 """The benchmark plot: a PNG drawn from the report dict (matplotlib, Agg backend).
 
+The title says what was measured (messages, size, load model or offered
+rate); latency axes are logarithmic with plain millisecond labels; a
+curve stops at the last percentile its sample supports (see ``report``),
+and an absent bar is marked "n/a" rather than drawn as zero.
+
 Transport mode: latency percentile curves (ours solid, raw client dashed,
 one colour per transport) on a "nines" axis, and end-to-end throughput bars
 of ours beside the raw client. Step mode: bars of the bare loop, the step on
@@ -22,6 +27,42 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot's import
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+
+def _plain_ms(ax: Any) -> None:
+    """Plain millisecond numbers on a log latency axis (0.5, 1, 10, 200), not 10^x."""
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _na_bars(ax: Any, xs: list[float], values: list[float | None]) -> None:
+    """Say "n/a" where a bar is absent: an empty slot must not read as zero."""
+    for x, value in zip(xs, values, strict=True):
+        if not value:
+            ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize="small", color="0.4")
+
+
+def title_of(report: Mapping[str, Any]) -> str:
+    """What was measured: mode, messages, size and load model (or offered rate), date."""
+    settings = report.get("settings", {})
+    parts = [f"sluice bench --mode {report['mode']}"]
+    messages, size = settings.get("messages"), settings.get("size_bytes")
+    if messages is not None:
+        unit = "tasks" if report["mode"] == "pipeline" else "messages"
+        parts.append(f"{messages:,} {unit}" + (f" of {size:,} B" if size else ""))
+    if settings.get("load_model"):
+        rate = settings.get("rate")
+        parts.append(f"load {settings['load_model']}" + (f" at {rate:g}/s" if rate else ""))
+    elif settings.get("rate"):
+        parts.append(f"offered {settings['rate']:g}/s")
+    model = settings.get("model")
+    if isinstance(model, Mapping) and model.get("median_ms") is not None:
+        parts.append(f"model {model['median_ms']:g} ms median")
+    if report.get("date"):
+        parts.append(str(report["date"]))
+    return ", ".join(parts)
 
 
 def _nines(percentile: float) -> float:
@@ -55,6 +96,7 @@ def _transport_figure(report: Mapping[str, Any]) -> Any:
             curves.plot(xs, ys, style, color=colour, marker=".", label=f"{row['title']} ({suffix})")
     curves.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
     curves.set_yscale("log")
+    _plain_ms(curves)
     curves.set_ylabel("end-to-end latency (ms)")
     curves.set_title("Latency percentiles")
     curves.grid(True, which="both", alpha=0.3)
@@ -66,6 +108,8 @@ def _transport_figure(report: Mapping[str, Any]) -> Any:
     raw = [row["baseline_msgs_per_s"] for row in rows]
     bars.bar([x - width / 2 for x in xs], ours, width, label="sluicegate transport")
     bars.bar([x + width / 2 for x in xs], raw, width, label="raw client")
+    _na_bars(bars, [x - width / 2 for x in xs], ours)
+    _na_bars(bars, [x + width / 2 for x in xs], raw)
     bars.set_xticks(xs, [row["title"] for row in rows])
     bars.set_ylabel("messages/s (end to end)")
     bars.set_title("Throughput beside the raw client")
@@ -85,7 +129,9 @@ def _step_figure(report: Mapping[str, Any]) -> Any:
     width = 0.2
     for i, (label, field) in enumerate(series):
         values = [report["transports"][k].get(field) or 0.0 for k in keys]
-        ax.bar([x + (i - 1.5) * width for x in range(len(keys))], values, width, label=label)
+        at = [x + (i - 1.5) * width for x in range(len(keys))]
+        ax.bar(at, values, width, label=label)
+        _na_bars(ax, at, values)
     ax.set_xticks(list(range(len(keys))), keys)
     ax.set_ylabel("messages/s")
     ax.set_title("One stateful step beside a bare consume→produce loop")
@@ -106,6 +152,7 @@ def _latency_axes(ax: Any) -> None:
     ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
     ax.set_xticks([_nines(p) for p in ticks], [f"p{p:g}" for p in ticks])
     ax.set_yscale("log")
+    _plain_ms(ax)
     ax.set_ylabel("task publish → final result (ms)")
     ax.set_title("End-to-end latency percentiles")
     ax.grid(True, which="both", alpha=0.3)
@@ -199,8 +246,7 @@ def write_plot(report: Mapping[str, Any], path: Path) -> None:
     figures = {"transport": _transport_figure, "pipeline": _pipeline_figure}
     fig = figures.get(report["mode"], _step_figure)(report)
     try:
-        subtitle = report.get("date", "")
-        fig.suptitle(f"sluice bench --mode {report['mode']}  {subtitle}", fontsize="medium")
+        fig.suptitle(title_of(report), fontsize="medium")
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=110)
     finally:

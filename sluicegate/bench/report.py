@@ -13,11 +13,10 @@ and ``tasks_per_s`` and ``latency_ms`` in pipeline mode, plus
 instant run's own figures under ``zero_latency``).
 Everything else is extra detail and may grow.
 
-Pipeline runs are short next to the transport mode's (hundreds to tens of
-thousands of tasks), so their percentiles are reported only where the
-sample supports them (:data:`PERCENTILE_RULE`): p99 needs 100 measured
-tasks, p99.9 a thousand; an unsupported one is ``null`` in the JSON, "-"
-in the table, and left off the plotted curve.
+Percentiles are reported only where the sample supports them
+(:data:`PERCENTILE_RULE`, every mode): p99 needs 1,000 measured samples,
+p99.9 ten thousand; an unsupported one is ``null`` in the JSON, "n/a" in
+the table, and the plotted curve stops before it.
 
 ``transports.nats`` is NATS JetStream (what the pipeline runs on); the raw
 core NATS figures, for which sluicegate has no transport, ride along as
@@ -56,8 +55,10 @@ def _case(case: CaseResult) -> dict[str, Any]:
         "producer_msgs_per_s": round(case.producer_msgs_per_s, 1),
         "consumer_msgs_per_s": round(case.consumer_msgs_per_s, 1),
         "throughput_msgs_per_s": round(case.throughput_msgs_per_s, 1),
-        "latency_ms": case.latency.as_dict(),
-        "latency_curve_ms": [[p, ms] for p, ms in case.curve],
+        "latency_ms": supported_latency(case.latency),
+        "latency_curve_ms": [
+            [p, ms] for p, ms in case.curve if percentile_supported(p, case.latency.count)
+        ],
         "received": case.received,
         "duplicates": case.duplicates,
         "seconds": round(case.seconds, 3),
@@ -78,7 +79,7 @@ def transport_object(row: TransportRow) -> dict[str, Any]:
         "ratio": _ratio(head.throughput_msgs_per_s, base.throughput_msgs_per_s),
         "producer_msgs_per_s": round(head.producer_msgs_per_s, 1),
         "consumer_msgs_per_s": round(head.consumer_msgs_per_s, 1),
-        "latency_ms": head.latency.as_dict(),
+        "latency_ms": supported_latency(head.latency),
         "measured": _case(row.measured) if row.measured is not None else None,
         "baseline": _case(base),
         "error": row.measured.error if row.measured is not None else base.error,
@@ -160,17 +161,23 @@ def build_step_report(results: Sequence[StepResult], meta: Mapping[str, Any]) ->
     return report
 
 
+# Samples a percentile needs beyond it: with one, pN is just the largest
+# value but one (5,000 messages gave p90 = p99 = p99.9 = max); with ten it
+# is an estimate of the tail, not of one outlier.
+TAIL_SAMPLES = 10
 PERCENTILE_RULE = (
-    "pN is reported when at least 1 / (1 - N/100) tasks were measured (p90: 10, p99: 100, "
-    "p99.9: 1000); null otherwise"
+    f"pN is reported when at least {TAIL_SAMPLES} / (1 - N/100) samples were measured "
+    "(p90: 100, p99: 1,000, p99.9: 10,000), so that it rests on "
+    f"{TAIL_SAMPLES} samples beyond it; null (n/a) otherwise"
 )
 _LATENCY_KEYS: Mapping[str, float] = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 
 
 def percentile_supported(percentile: float, count: int) -> bool:
-    """Whether ``count`` samples tell percentile ``percentile`` apart from the maximum."""
+    """Whether ``count`` samples put ``TAIL_SAMPLES`` beyond ``percentile`` (see the rule)."""
     # Rounded: 1 / (1 - 0.999) is 1000.0000000000009 in floating point.
-    return count > 0 and count >= math.ceil(round(1.0 / (1.0 - percentile / 100.0), 6))
+    needed = math.ceil(round(TAIL_SAMPLES / (1.0 - percentile / 100.0), 6))
+    return count > 0 and count >= needed
 
 
 def supported_latency(latency: Percentiles) -> dict[str, float | int | None]:
@@ -275,6 +282,12 @@ def _n(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _ms(latency: Mapping[str, Any], key: str, digits: int) -> str:
+    """A latency cell: "n/a" where the sample cannot resolve the percentile (null)."""
+    value = latency.get(key)
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
 def _grid(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     rule = "  ".join("-" * w for w in widths)
@@ -312,7 +325,7 @@ def _case_line(title: str, size: int, case: Mapping[str, Any], ratio: str) -> li
         _n(case["producer_msgs_per_s"]),
         _n(case["consumer_msgs_per_s"]),
         _n(case["throughput_msgs_per_s"]),
-        *(_n(lat[p], 2) for p in ("p50", "p90", "p99", "p999", "max")),
+        *(_ms(lat, p, 2) for p in ("p50", "p90", "p99", "p999", "max")),
         ratio,
     ]
 
@@ -381,7 +394,7 @@ def _pipeline_table(report: Mapping[str, Any]) -> str:
                 _n(obj["offered_rate_per_s"]),
                 _n(obj["published_rate_per_s"]),
                 _n(obj["tasks_per_s"]),
-                *(_n(lat[p], 1) for p in ("p50", "p90", "p99", "p999", "max")),
+                *(_ms(lat, p, 1) for p in ("p50", "p90", "p99", "p999", "max")),
                 f"{obj['completed']}/{obj['tasks']}",
                 _n(cpu, 2),
                 _n(obj.get("worker_cores"), 2),
@@ -444,7 +457,7 @@ def _model_run_line(label: str, obj: Mapping[str, Any]) -> list[str]:
         label,
         _n(obj["offered_rate_per_s"]),
         _n(obj["tasks_per_s"]),
-        *(_n(lat[p], 1) for p in ("p50", "p99", "p999", "max")),
+        *(_ms(lat, p, 1) for p in ("p50", "p99", "p999", "max")),
         f"{obj['completed']}/{obj['tasks']}",
         _n(obj.get("worker_cpu_ms_per_task"), 2),
         _n(model.get("requests")),

@@ -160,3 +160,23 @@ def test_rate_after_warmup() -> None:
     assert rate_after_warmup(marks, 1000) == 2000.0  # 2000 messages in the last second
     assert rate_after_warmup(marks, 0) == 1000.0  # from the first mark
     assert rate_after_warmup(marks[:1], 0) == 0.0
+
+
+def test_unresolvable_percentiles_are_null_n_a_and_off_the_curve(tmp_path: Path) -> None:
+    # 100 samples per case: p50 and p90 are resolved, p99 and p99.9 are not.
+    obj = transport_report()["transports"]["kafka"]
+    assert obj["latency_ms"]["p90"] is not None
+    assert obj["latency_ms"]["p99"] is None and obj["latency_ms"]["p999"] is None
+    assert [p for p, _ in obj["measured"]["latency_curve_ms"]] == [50.0, 90.0]
+    kafka_line = next(x for x in render_table(transport_report()).splitlines() if "ours" in x)
+    assert kafka_line.count("n/a") == 2
+
+
+def test_the_plot_title_says_what_was_measured() -> None:
+    from sluicegate.bench.plot import title_of
+
+    report = {**transport_report(), "settings": {**META["settings"], "size_bytes": 256}}
+    assert title_of(report) == (
+        "sluice bench --mode transport, 2,000 messages of 256 B, load max_throughput, "
+        "2026-01-01T00:00:00+00:00"
+    )
