@@ -85,6 +85,10 @@ def _known(exc: BaseException) -> Failure | None:
         return Failure(text if text.startswith("policy bundle") else f"policy bundle: {text}", 2)
     if name in ("NotMigratedError", "TransportError", "LocalStackError", "PolicyCheckError"):
         return Failure(one_line(str(exc)))
+    if name in ("OutageError", "StorePermanentError"):
+        # A worker that gave up on an outage, or met a permanent store error:
+        # the message names the step, the problem and the setting.
+        return Failure(one_line(str(exc)))
     if name == "InvalidSettingError":
         return Failure(one_line(str(exc)), 2)
     if isinstance(exc, (ConnectionError, TimeoutError)):
