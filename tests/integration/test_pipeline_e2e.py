@@ -66,13 +66,17 @@ async def test_tasks_in_results_out_with_poison_dead_lettered(
     worker = asyncio.create_task(run_steps(build_steps(), settings, stop=stop, config=config))
     try:
         unknown = Event(source="t", type="task.unheard_of", tenant="acme", session="p", data={})
-        bad_schema = Event(source="t", type="task.submitted", tenant="acme", session="p", data={})
+        no_data = Event(source="t", type="task.submitted", tenant="acme", session="p", data={})
+        bad_schema = Event(
+            source="t", type="task.submitted", tenant="acme", session="p", data={"prompt": 5}
+        )
         oversized = b'{"id":"' + b"x" * (300 * 1024) + b'"}'
         await publish_raw(
             settings,
             [
                 b"{not json",
                 orjson.dumps(unknown.model_dump(mode="json")),
+                orjson.dumps(no_data.model_dump(mode="json")),
                 orjson.dumps(bad_schema.model_dump(mode="json")),
                 oversized,
             ],
@@ -95,10 +99,10 @@ async def test_tasks_in_results_out_with_poison_dead_lettered(
     ids = [m.headers["ce_id"] for m in completed]
     assert len(ids) == len(set(ids)) == len(tasks)
 
-    dead = await read_topic(settings, "dlq", 4)
+    dead = await read_topic(settings, "dlq", 5)
     assert sorted(m.headers[H_DLQ_REASON] for m in dead) == sorted(
-        ["invalid_json", "unknown_type", "invalid_data", "too_large"]
+        ["invalid_json", "unknown_type", "missing_attribute", "invalid_data", "too_large"]
     )
     rows = await scalar_rows(settings, "SELECT count(*) FROM audit_log WHERE kind='dead_letter'")
-    assert rows[0][0] == 4
+    assert rows[0][0] == 5
     await drop_schema(settings)
