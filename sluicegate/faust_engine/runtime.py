@@ -27,6 +27,7 @@ from pathlib import Path
 
 import faust
 
+from sluicegate import worker_log
 from sluicegate.faust_engine.app import app_id, build_app, table_name
 from sluicegate.faust_engine.rebalance import RebalanceBridge
 from sluicegate.faust_engine.state import MirroredStore, SessionTable
@@ -64,6 +65,7 @@ async def run_faust_steps(
     """
     if settings.transport != "kafka":
         raise TransportError(f"the Faust engine runs on Kafka only, not {settings.transport}")
+    worker_log.vet_policies(steps)
     await require_migrated(settings)
     # A batch barrier under Faust: its rebalances wait for the batch in hand
     # (the subscription's "turn"); a batch's keys still run concurrently.
@@ -131,7 +133,8 @@ class _Worker:
         try:
             await self.app.start()
             self._app_started = True
-            async with asyncio.TaskGroup() as group:
+            log = worker_log.reporting(self.runners, self.settings, self.transport, engine="faust")
+            async with log, asyncio.TaskGroup() as group:
                 for r in self.runners:
                     group.create_task(member(r.run(stop)), name=f"runner {r.processor.name}")
                 group.create_task(member(self._watch(stop)), name="faust watch")

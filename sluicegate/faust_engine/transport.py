@@ -186,6 +186,10 @@ class FaustTransport:
             async for event in manual.events():
                 await sub.offer(to_message(event, names))
 
+        # Faust labels an agent (in its logs and its agent list) by the
+        # function's qualified name: the step's name, not "...transport.feed".
+        feed.__name__ = feed.__qualname__ = name
+        feed.__module__ = "sluicegate.step"
         app.agent(channel, name=f"{app.conf.id}.{name}")(feed)
 
 
