@@ -9,6 +9,7 @@ and none of them the application modules of ``sluicegate``.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import zipfile
@@ -105,3 +106,28 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         [line] = [r for r in requires if r.split()[1].startswith(dist)]
         assert f'extra == "{extra}"' in line, line
     assert "License-Expression: Apache-2.0" in metadata
+
+
+def test_the_openai_agents_sdk_imports_beside_sluicegate(tmp_path: Path) -> None:
+    # Outside the repository (its top-level agents/ folder would shadow the
+    # SDK on sys.path), as in a user's project: both import, each its own.
+    script = (
+        "import agents, sluicegate.agents\n"
+        "from agents import Agent\n"
+        "from sluicegate import Pipeline, Step\n"
+        "assert 'site-packages' in agents.__file__, agents.__file__\n"
+        "assert agents is not sluicegate.agents\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
