@@ -315,8 +315,6 @@ class StepRunner:
         # stopped (nothing processed) until an operator resets them.
         self._stopped: set[TopicPartition] = set()
         self._seeks: dict[TopicPartition, int] = {}
-        # Whether the transport has assigned partitions yet (for readiness).
-        self._assigned = False
         self._sub: Subscription | None = None
         self._outputs = frozenset(processor.outputs)
         self._has_tick = processor.ticks
@@ -362,9 +360,14 @@ class StepRunner:
 
     @property
     def ready(self) -> bool:
-        """Subscribed, assigned its partitions (or a static set) and done loading them."""
-        assigned = self._assigned or self.partitions is not None
-        return self._sub is not None and assigned and not self._loading
+        """Subscribed and done loading what it was given.
+
+        ``subscribe`` returns after the first assignment round (a Kafka
+        group's join, a NATS ownership round, a static set), so a runner
+        that holds its subscription has been offered its partitions, also
+        when its share is none (more workers than partitions).
+        """
+        return self._sub is not None and not self._loading
 
     def positions(self) -> dict[TopicPartition, int | None]:
         """The partitions owned now, each with its stored offset (None: nothing done yet)."""
@@ -722,7 +725,6 @@ class StepRunner:
         self._loading -= tps
         self._load_failed -= tps
         self._update_admitting()
-        self._assigned = True
 
     async def _on_revoke(self, tps: frozenset[TopicPartition]) -> None:
         # Nothing new is admitted from them: the next owner fetches it.
