@@ -25,6 +25,7 @@ from sluicegate.cli_errors import (
     debug_requested,
     describe,
     one_line,
+    quiet_duplicates,
     traceback_text,
     with_local_hint,
 )
@@ -133,6 +134,7 @@ def transport_option(func: F) -> F:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sluice``; return the exit code (the console script passes it to sys.exit)."""
+    quiet_duplicates()
     try:
         result = cli.main(args=argv, prog_name="sluice", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:

@@ -13,6 +13,7 @@ by the user (a policy bundle is one), 1 for a failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import traceback
@@ -28,6 +29,20 @@ LOCAL_UP_HINT = "run `sluice local up` (or set {variable})"
 class Failure:
     line: str
     exit_code: int = 1
+
+
+class _SaidOnce(logging.Filter):
+    """Drops aiokafka's ERROR for each failed bootstrap connect: our one line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('Unable connect to "')
+
+
+def quiet_duplicates() -> None:
+    """Keep library log lines that repeat our own error line out of the output."""
+    logger = logging.getLogger("aiokafka")  # aiokafka.client logs under this name
+    if not any(isinstance(f, _SaidOnce) for f in logger.filters):
+        logger.addFilter(_SaidOnce())
 
 
 def describe(exc: BaseException) -> Failure:

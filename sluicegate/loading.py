@@ -18,6 +18,7 @@ import traceback
 
 from sluicegate.agents.graph import Pipeline
 from sluicegate.policy.bundle import BundleError
+from sluicegate.policy.engine import PolicyCompileError
 from sluicegate.streams.errors import SluiceError
 
 ENV_PIPELINE = "SLUICE_PIPELINE"
@@ -70,7 +71,7 @@ def load_pipeline(spec: str) -> Pipeline:
     if callable(target) and not isinstance(target, type):
         try:
             made = target()
-        except BundleError:
+        except (BundleError, PolicyCompileError):
             # The pipeline is fine, its policy bundle is not: reported as
             # the bundle's problem (exit 2, see cli_errors), not --pipeline's.
             raise

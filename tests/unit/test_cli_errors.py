@@ -88,3 +88,27 @@ def test_a_missing_extra_names_the_extra_to_install() -> None:
     # Someone else's missing module is not ours to explain.
     other = describe(ModuleNotFoundError("No module named 'foo'", name="foo"))
     assert "extra" not in other.line
+
+
+def test_aiokafkas_bootstrap_error_is_not_said_twice(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sluicegate.cli_errors import quiet_duplicates
+
+    quiet_duplicates()
+    logger = logging.getLogger("aiokafka")
+    with caplog.at_level(logging.ERROR, logger="aiokafka"):
+        logger.error('Unable connect to "%s:%s": %s', "127.0.0.1", 1, "refused")
+        logger.error("Unable connect to node with id %s: %s", 1, "refused")
+    assert [r.getMessage() for r in caplog.records] == ["Unable connect to node with id 1: refused"]
+
+
+def test_a_broken_rego_file_is_the_bundles_problem(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bundle = copy_reference_bundle(tmp_path / "bundle")
+    (bundle / "broken.rego").write_text("package sluice.gate\nthis is not rego\n")
+    monkeypatch.setenv("SLUICE_POLICY_BUNDLE", str(bundle))
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sluice: error: policy bundle: --> broken.rego:2:1")
