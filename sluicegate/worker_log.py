@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -22,12 +22,15 @@ from sluicegate.settings import Settings
 from sluicegate.streams import metrics
 from sluicegate.streams.runner import StepRunner
 from sluicegate.streams.step import Processor
-from sluicegate.streams.transport import Transport
+from sluicegate.streams.transport import TopicPartition, Transport
 
 log = logging.getLogger("sluicegate.worker")
 
 # Loggers of the libraries a worker runs on: INFO from them is group and
 # connection chatter (aiokafka logs every join), not what an operator needs.
+# How long a progress line waits for the brokers' log ends ("lag ?" after).
+LAG_TIMEOUT_S = 10.0
+
 LIBRARY_LOGGERS = ("aiokafka", "kafka", "nats", "faust", "mode", "asyncio", "opentelemetry")
 
 
@@ -89,20 +92,35 @@ def _admitted(runner: StepRunner) -> int:
     return sum(runner.stats.by_partition.values())
 
 
-async def step_lag(runner: StepRunner, transport: Transport) -> int | None:
-    """Messages behind the end of the runner's owned partitions (None if unknown)."""
-    positions = runner.positions()
-    if not positions:
-        return 0
+async def log_ends(
+    runners: Sequence[StepRunner], transport: Transport, timeout_s: float = LAG_TIMEOUT_S
+) -> dict[TopicPartition, int] | None:
+    """The log end of every partition the runners own, in one bounded call (None: unknown).
+
+    One call for all steps: on Kafka a log end costs a fetch round trip,
+    and a slow broker must delay a progress line by seconds at most.
+    """
+    tps = sorted({tp for r in runners for tp in r.positions()})
+    if not tps:
+        return {}
     try:
-        ends = await transport.log_ends(list(positions))
-    except Exception:  # a progress line must not fail because a broker call did
+        return await asyncio.wait_for(transport.log_ends(tps), timeout_s)
+    except Exception as exc:  # a progress line must not fail because a broker call did
+        log.debug("progress: no log ends (%r); lag unknown", exc)
+        return None
+
+
+def step_lag(
+    runner: StepRunner, transport: Transport, ends: Mapping[TopicPartition, int] | None
+) -> int | None:
+    """Messages behind the end of the runner's owned partitions (None if unknown)."""
+    if ends is None:
         return None
     # An empty log's end, and so "nothing done": 0 on NATS (sequences start
     # at 1), -1 on Kafka (offsets start at 0); as in `sluice status`.
     empty_end = 0 if transport.name == "nats" else -1
     lag = 0
-    for tp, offset in positions.items():
+    for tp, offset in runner.positions().items():
         end = ends.get(tp)
         if end is None:
             return None
@@ -115,10 +133,11 @@ async def progress_lines(
 ) -> list[str]:
     """One line per step: inputs, outputs, dead letters, skipped since the last line; now."""
     lines, idle = [], []
+    ends = await log_ends(runners, transport)
     for runner in runners:
         stats, before = runner.stats, seen.setdefault(runner.processor.name, _Seen())
         now = _Seen(_admitted(runner), stats.outputs, stats.dead_letters, stats.skipped)
-        lag = await step_lag(runner, transport)
+        lag = step_lag(runner, transport, ends)
         seen[runner.processor.name] = now
         if now == before and lag == 0 and not runner.in_flight:
             idle.append(runner.processor.name)
