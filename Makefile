@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sluicegate needs Python 3.11 or newer; found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,local,bench,faust]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,local,bench,faust,gateway]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

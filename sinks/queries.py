@@ -167,12 +167,42 @@ async def fetch_results(
     return await cur.fetchall()
 
 
-async def fetch_result(conn: Conn, task_id: str) -> StoredResult | None:
+async def fetch_result(
+    conn: Conn, task_id: str, *, tenant: str | None = None
+) -> StoredResult | None:
+    """One result; with ``tenant``, only if it is that tenant's."""
+    where, params = _where([("task_id", task_id), ("tenant", tenant)])
     cur = conn.cursor(row_factory=class_row(StoredResult))
-    await cur.execute(
-        sql.SQL("SELECT {} FROM results WHERE task_id = %s").format(_RESULT_COLUMNS), (task_id,)
-    )
+    await cur.execute(sql.SQL("SELECT {} FROM results").format(_RESULT_COLUMNS) + where, params)
     return await cur.fetchone()
+
+
+async def results_since(
+    conn: Conn, tenant: str, since: datetime, *, after: str | None = None, limit: int = 500
+) -> list[StoredResult]:
+    """A tenant's results stored at or after ``since``, oldest first (the gateway's stream).
+
+    With ``after`` (a task id stored at ``since``), only those after it in
+    (created_at, task_id) order: the next page. ``created_at`` is when the
+    storing transaction began, so a result may turn up later with a time
+    before one already read: callers read again from a little before the
+    last time they saw, and drop what they had. Served by the
+    ``(tenant, created_at)`` index.
+    """
+    if after is None:
+        where, params = sql.SQL(" WHERE tenant = %s AND created_at >= %s"), [tenant, since]
+    else:
+        where = sql.SQL(" WHERE tenant = %s AND (created_at, task_id) > (%s, %s)")
+        params = [tenant, since, after]
+    query = (
+        sql.SQL("SELECT {} FROM results").format(_RESULT_COLUMNS)
+        + where
+        + sql.SQL(" ORDER BY created_at, task_id")
+        + _limit(limit)
+    )
+    cur = conn.cursor(row_factory=class_row(StoredResult))
+    await cur.execute(query, params)
+    return await cur.fetchall()
 
 
 # -- audit ---------------------------------------------------------------------------

@@ -38,11 +38,13 @@ COMMANDS: dict[str, str] = {
     "db": "sluicegate.cli_db:db",
     "demo": "sluicegate.cli_demo:demo",
     "dlq": "sluicegate.cli_dlq:dlq",
+    "keys": "sluicegate.cli_keys:keys",
     "local": "sluicegate.cli_local:local",
     "offsets": "sluicegate.cli_offsets:offsets",
     "policy": "sluicegate.cli_policy:policy",
     "publish": "sluicegate.cli_publish:publish",
     "run": "sluicegate.cli_run:run",
+    "serve": "sluicegate.cli_serve:serve",
     "status": "sluicegate.cli_status:status",
     "tail": "sluicegate.cli_tail:tail",
 }

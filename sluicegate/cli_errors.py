@@ -73,6 +73,9 @@ EXTRAS = {
     "matplotlib": "bench",
     "faust": "faust",
     "mode": "faust",
+    "starlette": "gateway",
+    "uvicorn": "gateway",
+    "psycopg_pool": "gateway",
 }
 
 

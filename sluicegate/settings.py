@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     local_retention_mb: int = Field(default=256, ge=1, le=1_000_000)
     local_retention_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
+    # `sluice serve`, the HTTP gateway: where it listens; events accepted and
+    # not yet acknowledged by the broker beyond which it answers 429; the most
+    # events one batch request may carry and the largest body it may send
+    # (one event is at most the envelope's 1 MiB); the longest ?wait= a task
+    # read may ask for; how long a checked API key is trusted before it is
+    # looked up again (so a revoked key stops working within this time).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    gateway_max_pending: int = Field(default=20_000, ge=1, le=10_000_000)
+    gateway_max_batch: int = Field(default=1000, ge=1, le=100_000)
+    gateway_max_body_mb: float = Field(default=8.0, gt=0, le=1024)
+    gateway_max_wait: float = Field(default=60.0, ge=0, le=3600)
+    gateway_key_cache: float = Field(default=5.0, ge=0, le=3600)
+
     @field_validator("nats_url", "kafka_bootstrap", "database_url", "otlp_endpoint")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
