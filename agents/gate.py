@@ -21,9 +21,9 @@ POLICY_VERSION = "allow-all"
 class AllowAllGate(Step[ActionProposed]):
     name = "allow_all"
     inputs = (topics.ACTIONS_PROPOSED,)
-    # Never denies, but declares the denied topic like the real gate, so
-    # swapping gates changes no topic layout.
-    outputs = (topics.ACTIONS_ALLOWED, topics.ACTIONS_DENIED)
+    # Never denies or holds, but declares those topics like the real gate,
+    # so swapping gates changes no topic layout.
+    outputs = (topics.ACTIONS_ALLOWED, topics.ACTIONS_DENIED, topics.ACTIONS_HELD)
     types = (ACTION_PROPOSED,)
 
     async def process(self, event: Event, ctx: Context[ActionProposed]) -> list[Output]:

@@ -66,6 +66,7 @@ SYSTEM_PROMPT = (
     '- search {"query": "<keywords>"}: searches documentation about stream processing\n'
     "- clock {}: the current date and time\n"
     '- echo {"text": "<text>", "to": "<optional recipient>"}: answer with text\n'
+    '- refund {"amount": <number>, "order": "<order number>"}: refund an order\n'
     f"Reply with only a JSON array of at most {MAX_ACTIONS} objects of the form\n"
     '{"tool": "<name>", "args": {...}}, one per step, in order. No prose.'
 )

@@ -1,7 +1,10 @@
 """The ``responder`` step: joins the outcomes of one plan into one final result.
 
 Inputs are ``tool.result`` (``tool.results``) and ``action.denied``
-(``actions.denied``). Outcomes are collected per task in keyed state until
+(``actions.denied``), and ``action.held`` (``actions.held``): a held action's
+outcome comes once a person decides it or its approval deadline passes, so
+it moves the task's deadline to that deadline plus the step's own.
+Outcomes are collected per task in keyed state until
 all ``action_count`` have arrived (in any order; a repeated index is
 absorbed), then exactly one ``task.completed`` goes to ``results`` and the
 result is stored with ``ctx.result``. Status:
@@ -31,9 +34,11 @@ from sluicegate.agents.api import Step
 from sluicegate.agents.keyed import data_as, duplicate, remember
 from sluicegate.agents.schemas import (
     ACTION_DENIED,
+    ACTION_HELD,
     TASK_COMPLETED,
     TOOL_RESULT,
     ActionDenied,
+    ActionHeld,
     Answer,
     Outcome,
     Status,
@@ -159,9 +164,9 @@ def _count_of(join: MutableMapping[str, Any], *, default: int) -> int:
 
 class ResponderStep(Step):
     name = "responder"
-    inputs = (topics.TOOL_RESULTS, topics.ACTIONS_DENIED)
+    inputs = (topics.TOOL_RESULTS, topics.ACTIONS_DENIED, topics.ACTIONS_HELD)
     outputs = (topics.RESULTS,)
-    accepts = {TOOL_RESULT: ToolResult, ACTION_DENIED: ActionDenied}
+    accepts = {TOOL_RESULT: ToolResult, ACTION_DENIED: ActionDenied, ACTION_HELD: ActionHeld}
 
     def __init__(
         self, *, deadline: float = 30.0, remember_ids: int = 1024, clock: Clock = _utcnow
@@ -174,6 +179,8 @@ class ResponderStep(Step):
         self._clock = clock
 
     async def process(self, event: Event, ctx: Context) -> list[Output]:
+        if event.type == ACTION_HELD:
+            return self._held(event, ctx)
         data: ToolResult | ActionDenied
         if event.type == ACTION_DENIED:
             data = data_as(ctx, event, ActionDenied)
@@ -222,6 +229,33 @@ class ResponderStep(Step):
         final = self._finish(state, data.task_id, join, status, outcomes, count, problem)
         ctx.result(data.task_id, status, final.answer.model_dump(mode="json"))
         return [ctx.output(topics.RESULTS, TASK_COMPLETED, final.model_dump(mode="json"))]
+
+    def _held(self, event: Event, ctx: Context) -> list[Output]:
+        """Wait for a held action's outcome until its approval deadline, plus ours."""
+        held = data_as(ctx, event, ActionHeld)
+        state = ctx.state
+        done = state.get(DONE_KEY)
+        if isinstance(done, list) and held.task_id in done:
+            return duplicate(ctx)
+        pending = state.setdefault(PENDING_KEY, {})
+        join = pending.get(held.task_id)
+        if not isinstance(join, dict):
+            join = pending[held.task_id] = {
+                "action_count": held.action_count,
+                "agent": held.agent,
+                "traceparent": event.traceparent,
+                "outcomes": {},
+            }
+        wait_until = held.deadline + self.deadline
+        if wait_until.tzinfo is None:
+            wait_until = wait_until.replace(tzinfo=UTC)
+        try:
+            current = datetime.fromisoformat(join["deadline"])
+        except (KeyError, TypeError, ValueError):
+            current = None
+        if current is None or current.tzinfo is None or current < wait_until:
+            join["deadline"] = wait_until.isoformat()
+        return []
 
     def _finish(
         self,

@@ -7,6 +7,8 @@ rules, first match wins:
 - ``run shell: CMD`` → ``shell`` {command}; ``write sql: Q`` → ``sql_write``
   {query}; ``post [BODY] to URL [: BODY]`` → ``http_post`` {url, body}. No
   such tools exist: they are there so the policy gate has something to deny;
+- ``refund AMOUNT [for] [order] ORDER`` → ``refund`` {amount, order}
+  ("refund 250 for order A-1");
 - ``echo TEXT`` → ``echo`` {text};
 - ``email|send|mail ... ADDRESS ...`` → ``echo`` {text, to}: the address
   passes through in the arguments, for PII policies to catch;
@@ -32,6 +34,10 @@ _SQL = re.compile(r"^(?:write|run|execute)\s+sql\s*:\s*(?P<query>.+)$", re.I | r
 _POST = re.compile(
     r"^post\s+(?P<pre>.*?)\s*\bto\s+(?P<url>https?://\S+)\s*(?:with\b\s*)?(?P<post>.*)$",
     re.I | re.S,
+)
+_REFUND = re.compile(
+    r"^refund\s+(?P<amount>\d+(?:\.\d+)?)\s+(?:for\s+)?(?:order\s+)?(?P<order>[A-Za-z0-9][\w-]*)",
+    re.I,
 )
 _ECHO = re.compile(r"^echo\b[\s:]*(?P<text>.*)$", re.I | re.S)
 _MAIL_VERB = re.compile(r"^(?:e-?mail|send|mail)\b", re.I)
@@ -80,6 +86,10 @@ def plan_request(text: str) -> ToolCall:
         # "post to URL: body" leaves the colon on the URL; punctuation never ends one.
         url = m["url"].rstrip(":,.;")
         return ToolCall(tool="http_post", args={"url": url, "body": body})
+    if m := _REFUND.match(text):
+        number = float(m["amount"])
+        amount: int | float = int(number) if number.is_integer() else number
+        return ToolCall(tool="refund", args={"amount": amount, "order": m["order"]})
     if m := _ECHO.match(text):
         return ToolCall(tool="echo", args={"text": m["text"].strip() or text})
     if _MAIL_VERB.match(text) and (address := _EMAIL.search(text)):

@@ -28,6 +28,7 @@ CONTEXT_PACKED: Final = "context.packed"
 ACTION_PROPOSED: Final = "action.proposed"
 ACTION_ALLOWED: Final = "action.allowed"
 ACTION_DENIED: Final = "action.denied"
+ACTION_HELD: Final = "action.held"
 TOOL_RESULT: Final = "tool.result"
 TASK_COMPLETED: Final = "task.completed"
 
@@ -180,6 +181,21 @@ class ActionDenied(ActionProposed):
     policy_version: str | None = None
 
 
+class ActionHeld(ActionProposed):
+    """An action the gate holds for a person, on ``actions.held``, until ``deadline``.
+
+    Once decided it comes back as ``action.allowed`` or ``action.denied``
+    (reason ``approval_denied`` or ``approval_timeout``).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    decision: str = "hold"
+    reasons: list[str] = Field(default_factory=list)
+    policy_version: str | None = None
+    deadline: datetime
+
+
 class ToolResult(_ActionFields):
     """The outcome of executing one allowed action, on ``tool.results``.
 
@@ -235,6 +251,7 @@ EVENT_MODELS: Final[dict[str, type[BaseModel]]] = {
     ACTION_PROPOSED: ActionProposed,
     ACTION_ALLOWED: ActionAllowed,
     ACTION_DENIED: ActionDenied,
+    ACTION_HELD: ActionHeld,
     TOOL_RESULT: ToolResult,
     TASK_COMPLETED: TaskCompleted,
 }

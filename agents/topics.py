@@ -14,6 +14,8 @@ CONTEXT: Final = "context"
 ACTIONS_PROPOSED: Final = "actions.proposed"
 ACTIONS_ALLOWED: Final = "actions.allowed"
 ACTIONS_DENIED: Final = "actions.denied"
+# Held by the policy gate for a person to approve; the responder waits for them.
+ACTIONS_HELD: Final = "actions.held"
 TOOL_RESULTS: Final = "tool.results"
 RESULTS: Final = "results"
 DLQ: Final = "dlq"
@@ -26,6 +28,7 @@ ALL: Final[tuple[str, ...]] = (
     ACTIONS_PROPOSED,
     ACTIONS_ALLOWED,
     ACTIONS_DENIED,
+    ACTIONS_HELD,
     TOOL_RESULTS,
     RESULTS,
     DLQ,

@@ -1,7 +1,8 @@
 """The gate's decision model, and the strict check of what a policy returns.
 
-A decision is ``allow``, ``deny`` or ``redact`` (allow with arguments
-rewritten), with machine-readable reason codes, the cost to charge, the
+A decision is ``allow``, ``deny``, ``redact`` (allow with arguments
+rewritten) or ``hold`` (a person must approve it first; arguments masked as
+for a redact), with machine-readable reason codes, the cost to charge, the
 masks to apply and the version of the bundle that made it. The policy's
 output is untrusted: :func:`parse_decision` accepts only the documented
 shape (see ``policy/rego/gate.rego``) and anything else raises
@@ -23,12 +24,13 @@ import orjson
 
 from sluicegate.streams.errors import SluiceError
 
-DecisionKind = Literal["allow", "deny", "redact"]
+DecisionKind = Literal["allow", "deny", "redact", "hold"]
 PathItem = str | int
 
 ALLOW: Final = "allow"
 DENY: Final = "deny"
 REDACT: Final = "redact"
+HOLD: Final = "hold"
 
 # Reason codes of the reference policies; a policy may add its own, as long
 # as they look like codes (REASON_CODE).
@@ -81,11 +83,17 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
+        """Goes to the tools now (a hold does only once a person approves it)."""
+        return self.decision in (ALLOW, REDACT)
+
+    @property
+    def charged(self) -> bool:
+        """Carries a cost: allowed, or held (charged when approved)."""
         return self.decision != DENY
 
     def outcome(self) -> tuple[Any, ...]:
         """Everything that is enforced, for comparing a shadow decision with the live one."""
-        return (self.decision, self.reasons, self.cost if self.allowed else 0, self.masks)
+        return (self.decision, self.reasons, self.cost if self.charged else 0, self.masks)
 
     def summary(self) -> dict[str, Any]:
         """A JSON view for audit rows. Masks show where and how, never the matched text."""
@@ -94,7 +102,7 @@ class Decision:
             "reasons": list(self.reasons),
             "policy_version": self.policy_version,
         }
-        if self.allowed:
+        if self.charged:
             out["cost"] = self.cost
         if self.masks:
             out["masks"] = [{"path": list(m.path), "mask": m.mask} for m in self.masks]
@@ -118,8 +126,8 @@ def parse_decision(raw: Any, version: str) -> Decision:
     if extra:
         raise MalformedDecision(f"decision has unknown keys {sorted(extra)}")
     kind = raw.get("decision")
-    if kind not in (ALLOW, DENY, REDACT):
-        raise MalformedDecision(f"decision must be allow, deny or redact, got {kind!r}")
+    if kind not in (ALLOW, DENY, REDACT, HOLD):
+        raise MalformedDecision(f"decision must be allow, deny, redact or hold, got {kind!r}")
     reasons = _reasons(raw.get("reasons", []))
     masks = _masks(raw.get("masks", []))
     detail = _detail(raw.get("detail"))
@@ -132,6 +140,8 @@ def parse_decision(raw: Any, version: str) -> Decision:
         raise MalformedDecision("an allow carries no reasons and no masks (that is a redact)")
     if kind == REDACT and not (reasons and masks):
         raise MalformedDecision("a redact must give reasons and at least one mask")
+    if kind == HOLD and not reasons:
+        raise MalformedDecision("a hold must give at least one reason")
     return Decision(kind, reasons, version, cost, masks, detail)
 
 

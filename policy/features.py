@@ -9,6 +9,9 @@ The policy reads facts, not raw text, where Rego would be slow or error-prone:
   check. regorus compiles a regex on every call (35-600 us each, measured),
   and a Luhn sum is plain arithmetic, so both live here; the policy decides
   which kinds a tenant redacts and how the mask reads;
+- ``amount``: ``args.amount`` when it is a finite number (not a bool), else
+  null: a refund's amount, which a policy compares with a threshold without
+  reading (and caching on) the rest of the arguments;
 - ``args_kib``: the size of ``args`` as compact JSON, in KiB rounded up. Whole
   KiB because a limit in KiB is then exact while decisions are reused across
   argument sizes (exact byte counts made most cache keys unique).
@@ -22,6 +25,7 @@ read it but does not declare it sees it undefined and fails closed.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ INPUT_FIELDS: Final = (
     "args",
     "args_kib",
     "url_host",
+    "amount",
     "pii",
     "spend",
     "calls_in_window",
@@ -96,6 +101,13 @@ def url_host(value: Any) -> str | None:
     return host
 
 
+def amount_of(value: Any) -> int | float | None:
+    """``value`` if it is a finite number (bool is not one), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def strings_in(value: Any) -> list[tuple[list[PathItem], str]]:
     """Every string in a JSON value (not keys), with its path, in document order.
 
@@ -146,6 +158,7 @@ class InputBuilder:
         self._want_args = "args" in self.fields
         self._want_pii = "pii" in self.fields
         self._want_host = "url_host" in self.fields
+        self._want_amount = "amount" in self.fields
         # The always-computed (cheap) fields the policy did not declare.
         self._drop = tuple(
             f
@@ -176,6 +189,8 @@ class InputBuilder:
             document["args"] = args
         if self._want_host:
             document["url_host"] = url_host(args.get("url"))
+        if self._want_amount:
+            document["amount"] = amount_of(args.get("amount"))
         if self._want_pii:
             document["pii"] = self.find_pii(args)
         if self._drop:

@@ -7,6 +7,10 @@ or ``action.denied``, and records one ``decision`` audit row. It never
 raises for a policy problem: see :mod:`policy.evaluator` for how every
 failure becomes a ``policy_error`` deny.
 
+A ``hold`` goes to ``actions.held`` and waits, durably, for a person or its
+deadline (``SLUICE_APPROVAL_TIMEOUT`` seconds): see :mod:`policy.holds`,
+which the gate's ``tick`` runs to resume decided actions.
+
 A shadow bundle (``SLUICE_POLICY_SHADOW`` or ``shadow=``) is evaluated on the
 same input and never enforced; each divergence from the live decision is a
 ``shadow_divergence`` audit row carrying both. The shadow sees the live
@@ -31,15 +35,15 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 from pydantic import BaseModel
 
-from sluicegate.policy import ledger
+from sluicegate.policy import holds, ledger
 from sluicegate.policy.bundle import Signature, default_bundle_path, load_bundle, signature
-from sluicegate.policy.decision import Decision, policy_error
+from sluicegate.policy.decision import HOLD, Decision, policy_error
 from sluicegate.policy.engine import Compiler, compile_bundle
 from sluicegate.policy.evaluator import (
     DEFAULT_BUDGET_S,
@@ -51,19 +55,24 @@ from sluicegate.policy.evaluator import (
 from sluicegate.policy.schemas import (
     ACTION_ALLOWED,
     ACTION_DENIED,
+    ACTION_HELD,
     ACTION_PROPOSED,
     ACTIONS_ALLOWED,
     ACTIONS_DENIED,
+    ACTIONS_HELD,
     ACTIONS_PROPOSED,
     ProposedAction,
 )
 from sluicegate.streams.envelope import Event
-from sluicegate.streams.step import Context, Hooks, Output
+from sluicegate.streams.step import Context, Hooks, Output, TickContext
 
 log = logging.getLogger("sluicegate.policy")
 
 ENV_BUNDLE: Final = "SLUICE_POLICY_BUNDLE"
 ENV_SHADOW: Final = "SLUICE_POLICY_SHADOW"
+ENV_APPROVAL_TIMEOUT: Final = "SLUICE_APPROVAL_TIMEOUT"
+# How long a held action waits for a person before it is denied (seconds).
+DEFAULT_APPROVAL_TIMEOUT_S: Final = 3600.0
 DEFAULT_RELOAD_INTERVAL_S: Final = 2.0
 DEFAULT_RATE_WINDOW_S: Final = 60.0
 ERROR_LOG_INTERVAL_S: Final = 10.0
@@ -75,6 +84,7 @@ class GateStats:
     allowed: int = 0
     denied: int = 0
     redacted: int = 0
+    held: int = 0
     policy_errors: int = 0
     shadow_divergences: int = 0
     reloads: int = 0
@@ -115,14 +125,18 @@ class PolicyGate(Hooks):
         cache_size: int = DEFAULT_CACHE_SIZE,
         reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S,
         rate_window_s: float = DEFAULT_RATE_WINDOW_S,
+        approval_timeout_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         # Instance attributes (not class variables) so the gate is a
         # ``streams.step.Processor`` for mypy as well as at runtime.
         self.name: str = "gate"
         self.inputs: Sequence[str] = (ACTIONS_PROPOSED,)
-        self.outputs: Sequence[str] = (ACTIONS_ALLOWED, ACTIONS_DENIED)
+        self.outputs: Sequence[str] = (ACTIONS_ALLOWED, ACTIONS_DENIED, ACTIONS_HELD)
         self.accepts: Mapping[str, type[BaseModel]] = {ACTION_PROPOSED: ProposedAction}
+        # Ticks resume held actions once decided (policy.holds).
+        self.ticks: bool = True
         self.stats = GateStats()
         self._compiler = compiler
         self._budget_s = eval_budget_s
@@ -134,6 +148,10 @@ class PolicyGate(Hooks):
         self._last_error_log = -ERROR_LOG_INTERVAL_S
         self._errors_unlogged = 0
         env = os.environ if environ is None else environ
+        if approval_timeout_s is None:
+            approval_timeout_s = approval_timeout_from(env)
+        self._approval_timeout = timedelta(seconds=approval_timeout_s)
+        self._clock = clock or (lambda: datetime.now(UTC))
         bundle = bundle or env.get(ENV_BUNDLE) or default_bundle_path()
         shadow = shadow or env.get(ENV_SHADOW) or None
         self._live = _Watched("live", Path(bundle))
@@ -199,6 +217,10 @@ class PolicyGate(Hooks):
             ledger.store(ctx.state, book)
         return self._emit(ctx, event, action.tool, verdict, book)
 
+    async def tick(self, now: datetime, tc: TickContext) -> list[Output]:
+        """Resume the held actions of idle sessions that were decided or timed out."""
+        return await holds.resume(tc, now, self._window_ms)
+
     def _emit(
         self,
         ctx: Context,
@@ -227,7 +249,28 @@ class PolicyGate(Hooks):
         }
         if decision.allowed:
             return [ctx.output(ACTIONS_ALLOWED, ACTION_ALLOWED, data)]
+        if decision.decision == HOLD:
+            return [self._hold(ctx, event, verdict, data)]
         return [ctx.output(ACTIONS_DENIED, ACTION_DENIED, data)]
+
+    def _hold(self, ctx: Context, event: Event, verdict: Verdict, data: dict[str, Any]) -> Output:
+        """Send the action to ``actions.held`` and ask a person (see policy.holds)."""
+        deadline = self._clock() + self._approval_timeout
+        held = ctx.output(ACTIONS_HELD, ACTION_HELD, {**data, "deadline": deadline.isoformat()})
+        decision = verdict.decision
+        ctx.request_approval(
+            held.event.id,
+            task_id=str(data["task_id"]),
+            tool=str(data["tool"]),
+            args=verdict.args,
+            reasons=decision.reasons,
+            deadline=deadline,
+            policy_version=decision.policy_version,
+        )
+        holds.remember(
+            ctx.state, held.event.id, data=data, decision=decision, event=event, deadline=deadline
+        )
+        return held
 
     def _compare(self, ctx: Context, live: Decision, candidate: Decision) -> None:
         if live.outcome() == candidate.outcome():
@@ -248,6 +291,8 @@ class PolicyGate(Hooks):
             stats.allowed += 1
         elif decision.decision == "redact":
             stats.redacted += 1
+        elif decision.decision == HOLD:
+            stats.held += 1
         else:
             stats.denied += 1
             if decision.error is not None:
@@ -363,6 +408,22 @@ class PolicyGate(Hooks):
         )
 
 
+def approval_timeout_from(env: Mapping[str, str]) -> float:
+    """``SLUICE_APPROVAL_TIMEOUT`` (seconds, > 0), else the default; ValueError naming it."""
+    raw = env.get(ENV_APPROVAL_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_APPROVAL_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(
+            f"{ENV_APPROVAL_TIMEOUT} must be a positive number of seconds, got {raw!r}"
+        )
+    return value
+
+
 def _epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -372,7 +433,7 @@ def _audit_detail(tool: str, verdict: Verdict, book: ledger.Ledger | None) -> di
     detail: dict[str, Any] = {"tool": tool, "cached": verdict.cached}
     if not verdict.cached:
         detail["eval_us"] = round(verdict.eval_s * 1e6)
-    if decision.allowed:
+    if decision.charged:
         detail["cost"] = decision.cost
     if book is not None:
         detail["spend"] = book.spend

@@ -115,6 +115,7 @@ def _check_sample(policy: LoadedPolicy, report: Report) -> None:
         "args": {"text": "hello"},
         "args_kib": 1,
         "url_host": None,
+        "amount": None,
         "pii": [],
         "spend": 0,
         "calls_in_window": 0,

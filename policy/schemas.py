@@ -19,9 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ACTIONS_PROPOSED: Final = "actions.proposed"
 ACTIONS_ALLOWED: Final = "actions.allowed"
 ACTIONS_DENIED: Final = "actions.denied"
+# Held for a person to approve (a ``hold`` decision): read by the responder.
+ACTIONS_HELD: Final = "actions.held"
 ACTION_PROPOSED: Final = "action.proposed"
 ACTION_ALLOWED: Final = "action.allowed"
 ACTION_DENIED: Final = "action.denied"
+ACTION_HELD: Final = "action.held"
 
 MAX_ACTIONS: Final = 16
 MAX_ARGS_BYTES: Final = 16384

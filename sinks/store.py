@@ -25,7 +25,7 @@ refused as stale and the runner reloads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,9 +36,11 @@ import psycopg
 from psycopg import postgres, pq
 from psycopg.adapt import Dumper
 
+from sluicegate.sinks import approvals
 from sluicegate.sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, iter_links, storable_value
 from sluicegate.sinks.db import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCHEMA, check_schema, connect
 from sluicegate.sinks.faults import permanent
+from sluicegate.streams.approvals import ApprovalOutcome
 from sluicegate.streams.checkpoint import (
     INPUT_KINDS,
     CommitBatch,
@@ -400,6 +402,17 @@ class PostgresCheckpointStore:
         self.stats.add(outcome)
         return outcome
 
+    # -- held actions ---------------------------------------------------------------
+
+    async def settle_approvals(
+        self, step: str, ids: Sequence[str], now: datetime
+    ) -> list[ApprovalOutcome]:
+        """See ``streams.approvals.ApprovalDesk``: time out, then read the decided."""
+        if not ids:
+            return []
+        async with self._session(f"reading the approvals of step {step!r}") as conn:
+            return await approvals.settle(conn, step, ids, now)
+
     # -- the connection -------------------------------------------------------------
 
     @asynccontextmanager
@@ -562,6 +575,11 @@ class _Commit:
                 await conn.execute(_UPSERT_STATES, (step, *states))
             if results[0]:
                 await results_cur.execute(_INSERT_RESULTS, (step, *results))
+            if self.batch.approvals:
+                await conn.execute(
+                    approvals.INSERT_APPROVALS,
+                    approvals.insert_columns(step, self.batch.approvals),
+                )
             await conn.execute("COMMIT")
         inserted = results_cur.rowcount if results[0] else 0
         return CommitOutcome(

@@ -33,6 +33,7 @@ from sluicegate.settings import Settings
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
+    "approvals": "sluicegate.cli_approvals:approvals",
     "audit": "sluicegate.cli_audit:audit",
     "bench": "sluicegate.cli_bench:bench",
     "db": "sluicegate.cli_db:db",

@@ -17,10 +17,18 @@ by offsets as before: a batch whose offsets are not beyond what is stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from sluicegate.streams.approvals import (
+    APPROVAL_TIMEOUT,
+    TIMEOUT_APPROVER,
+    ApprovalError,
+    ApprovalOutcome,
+    ApprovalRequest,
+)
 from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
 from sluicegate.streams.transport import TopicPartition
@@ -66,9 +74,11 @@ class CommitBatch:
     results: list[ResultRecord] = field(default_factory=list)
     # Input partition -> the ownership epoch this batch was made under.
     epochs: dict[TopicPartition, int] = field(default_factory=dict)
+    # Actions held for a person to decide (``approvals``), inserted once.
+    approvals: list[ApprovalRequest] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.offsets or self.states or self.audit or self.results)
+        return not (self.offsets or self.states or self.audit or self.results or self.approvals)
 
 
 @runtime_checkable
@@ -138,6 +148,8 @@ class MemoryCheckpointStore:
         self.states: dict[tuple[str, StateKey], tuple[int, bytes]] = {}
         self.audit: list[tuple[int, AuditRecord]] = []
         self.results: dict[str, ResultRecord] = {}
+        self.approvals: dict[str, ApprovalRequest] = {}
+        self.decisions: dict[str, ApprovalOutcome] = {}
         self.commits = 0
 
     async def load_offsets(
@@ -216,7 +228,40 @@ class MemoryCheckpointStore:
         self.audit.extend(batch.audit)
         for result in batch.results:
             self.results.setdefault(result.task_id, result)
+        for request in batch.approvals:
+            self.approvals.setdefault(request.id, request)
         self.commits += 1
+
+    def decide_approval(
+        self, approval_id: str, *, approved: bool, by: str, reason: str, now: datetime
+    ) -> ApprovalOutcome:
+        """What ``sluice approvals approve|deny`` does in Postgres, for tests."""
+        request = self.approvals.get(approval_id)
+        if request is None:
+            raise ApprovalError(f"no held action {approval_id}")
+        if approval_id in self.decisions:
+            raise ApprovalError(f"held action {approval_id} is already decided")
+        if request.deadline <= now:
+            approved, by, reason = False, TIMEOUT_APPROVER, APPROVAL_TIMEOUT
+        outcome = ApprovalOutcome(approval_id, approved, by, reason, now)
+        self.decisions[approval_id] = outcome
+        return outcome
+
+    async def settle_approvals(
+        self, step: str, ids: Sequence[str], now: datetime
+    ) -> list[ApprovalOutcome]:
+        settled = []
+        for approval_id in ids:
+            request = self.approvals.get(approval_id)
+            if request is None or request.step != step:
+                continue
+            if approval_id not in self.decisions and request.deadline <= now:
+                self.decisions[approval_id] = ApprovalOutcome(
+                    approval_id, False, TIMEOUT_APPROVER, APPROVAL_TIMEOUT, now
+                )
+            if approval_id in self.decisions:
+                settled.append(self.decisions[approval_id])
+        return settled
 
     async def close(self) -> None:
         return None

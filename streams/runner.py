@@ -56,6 +56,7 @@ import orjson
 from pydantic import BaseModel
 
 from sluicegate.streams import health, metrics, tracing
+from sluicegate.streams.approvals import ApprovalDesk
 from sluicegate.streams.checkpoint import (
     CheckpointStore,
     CommitBatch,
@@ -1161,6 +1162,7 @@ class StepRunner:
         partition = msg.partition
         batch.audit.extend((partition, row) for row in ctx.audit)
         batch.results.extend(ctx.results)
+        batch.approvals.extend(ctx.approvals)
         batch.audit.append((partition, _processed_row(ctx, event, len(outputs))))
         self._pending.produce.extend(wire)
         self.stats.processed += 1
@@ -1369,7 +1371,8 @@ class StepRunner:
         live = {
             key: orjson.loads(blob) for key, blob in self._states.items() if key not in self._keys
         }
-        tc = TickContext(step=self.processor.name, states=live)
+        desk = self.store if isinstance(self.store, ApprovalDesk) else None
+        tc = TickContext(step=self.processor.name, states=live, approvals=desk)
         try:
             outputs = await self.processor.tick(now or self._clock(), tc)
             self._check_outputs(outputs)

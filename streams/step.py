@@ -24,6 +24,7 @@ from pydantic import BaseModel
 # ``Context[Any]``, so untyped steps need no type argument under mypy strict.
 from typing_extensions import TypeVar
 
+from sluicegate.streams.approvals import ApprovalDesk, ApprovalRequest
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.errors import SluiceError
 
@@ -109,6 +110,7 @@ class Context(Generic[D]):
 
     __slots__ = (
         "_index",
+        "approvals",
         "audit",
         "data",
         "detail",
@@ -136,6 +138,8 @@ class Context(Generic[D]):
         self.data: D = data
         self.audit: list[AuditRecord] = []
         self.results: list[ResultRecord] = []
+        # Actions held for a person to decide, committed with the batch.
+        self.approvals: list[ApprovalRequest] = []
         # Extra detail for the runner's ``processed`` audit row of this input.
         self.detail: JSON = {}
         self._index = 0
@@ -176,6 +180,40 @@ class Context(Generic[D]):
                 detail=detail or {},
             )
         )
+
+    def request_approval(
+        self,
+        approval_id: str,
+        *,
+        task_id: str,
+        tool: str,
+        args: JSON,
+        reasons: Sequence[str],
+        deadline: datetime,
+        policy_version: str | None = None,
+    ) -> ApprovalRequest:
+        """Hold an action for a person to decide (``approvals``), committed with the batch.
+
+        The answer comes back through the ``ApprovalDesk`` of a later
+        ``tick`` (see ``streams.approvals``); nothing waits for it here.
+        """
+        request = ApprovalRequest(
+            id=approval_id,
+            step=self.step,
+            tenant=self.event.tenant,
+            session=self.event.session,
+            partition=self.partition,
+            task_id=task_id,
+            tool=tool,
+            args=args,
+            reasons=tuple(reasons),
+            deadline=deadline,
+            event_id=self.event.id,
+            policy_version=policy_version,
+            trace_id=trace_id_of(self.event.traceparent),
+        )
+        self.approvals.append(request)
+        return request
 
     def result(self, task_id: str, status: str, answer: JSON) -> None:
         """Store the final result of an upstream task (exactly once, with the batch)."""
@@ -261,9 +299,17 @@ class TickContext:
     Changes to the states it hands out are committed with the next batch.
     """
 
-    def __init__(self, *, step: str, states: Mapping[StateKey, MutableMapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        *,
+        step: str,
+        states: Mapping[StateKey, MutableMapping[str, Any]],
+        approvals: ApprovalDesk | None = None,
+    ) -> None:
         self.step = step
         self._states = states
+        # Where held actions' answers are read (the checkpoint store), if it keeps them.
+        self.approvals = approvals
         self.touched: set[StateKey] = set()
         self.audit: list[AuditRecord] = []
         self.results: list[ResultRecord] = []
@@ -298,6 +344,38 @@ class TickContext:
             data=data,
         )
         return Output(topic, event)
+
+    def record(
+        self,
+        key: StateKey,
+        kind: str,
+        *,
+        event_id: str,
+        event_type: str,
+        decision: str | None = None,
+        reasons: Sequence[str] = (),
+        policy_version: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str | None = None,
+        detail: JSON | None = None,
+    ) -> None:
+        """Add an audit row about an event of ``key``'s session to the next checkpoint."""
+        self.audit.append(
+            AuditRecord(
+                kind=kind,
+                step=self.step,
+                event_id=event_id,
+                event_type=event_type,
+                tenant=key.tenant,
+                session=key.session,
+                causation_id=causation_id,
+                decision=decision,
+                reasons=tuple(reasons),
+                policy_version=policy_version,
+                trace_id=trace_id_of(traceparent),
+                detail=detail or {},
+            )
+        )
 
     def result(
         self,

@@ -1,4 +1,4 @@
-"""Built-in tools of the reference pipeline: calculator, search, clock, echo.
+"""Built-in tools of the reference pipeline: calculator, search, clock, echo, refund.
 
 All are deterministic and need no network. ``builtin_tools()`` maps tool
 names to their callables; the tools step takes that mapping (or any other),
@@ -7,7 +7,7 @@ so an application can add its own.
 
 from __future__ import annotations
 
-from sluicegate.agents.tools import calculator, clock, echo, search
+from sluicegate.agents.tools import calculator, clock, echo, refund, search
 from sluicegate.agents.tools.base import JSON, RetryableToolError, Tool, ToolContext, ToolError
 
 
@@ -18,6 +18,7 @@ def builtin_tools() -> dict[str, Tool]:
         "search": search.run,
         "clock": clock.run,
         "echo": echo.run,
+        "refund": refund.run,
     }
 
 
@@ -31,5 +32,6 @@ __all__ = [
     "calculator",
     "clock",
     "echo",
+    "refund",
     "search",
 ]

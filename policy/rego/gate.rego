@@ -6,6 +6,11 @@
 #   {"decision": "allow",  "reasons": [],                 "cost": N, "masks": []}
 #   {"decision": "redact", "reasons": ["pii_redacted"],   "cost": N, "masks": [MASK, ...]}
 #   {"decision": "deny",   "reasons": ["<code>", ...],       "masks": [MASK, ...]}
+#   {"decision": "hold",   "reasons": ["<code>", ...], "cost": N, "masks": [MASK, ...]}
+#
+# A hold waits for a person (`sluice approvals approve|deny`) or its deadline
+# (SLUICE_APPROVAL_TIMEOUT, then denied with `approval_timeout`); its masks are
+# applied before anyone sees the arguments, and its cost is charged if approved.
 #
 # MASK is {"path": [key or index, ...], "match": "<substring>", "mask": "<replacement>"}:
 # the gate replaces `match` by `mask` in the string at `path` of the arguments
@@ -20,6 +25,7 @@
 #   tenant, agent, tool              from the action.proposed event
 #   args_kib                         size of args as compact JSON, KiB rounded up
 #   url_host                         host of args.url if an http(s) URL, else null
+#   amount                           args.amount if a number, else null (refunds)
 #   pii                              PII candidates found in args (see pii.rego)
 #   spend                            spent so far in this session (gate state)
 #   calls_in_window                  allowed calls in the sliding rate window (gate state)
@@ -44,9 +50,11 @@ reasons contains "budget_exceeded" if not budget_ok
 
 reasons contains "rate_limited" if not rate_ok
 
-# Deny wins over redact, redact over allow.
+# Deny wins over hold, hold over redact, redact over allow.
 decision := {"decision": "deny", "reasons": sort(reasons), "masks": masks} if {
 	count(reasons) > 0
+} else := {"decision": "hold", "reasons": sort(holds), "cost": cost, "masks": masks} if {
+	count(holds) > 0
 } else := {"decision": "redact", "reasons": ["pii_redacted"], "cost": cost, "masks": masks} if {
 	count(masks) > 0
 } else := {"decision": "allow", "reasons": [], "cost": cost, "masks": []}

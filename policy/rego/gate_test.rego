@@ -11,6 +11,7 @@ base := {
 	"tool": "echo",
 	"args_kib": 1,
 	"url_host": null,
+	"amount": null,
 	"pii": [],
 	"spend": 0,
 	"calls_in_window": 0,
@@ -102,4 +103,36 @@ test_tenant_redacts_only_its_kinds if {
 test_missing_input_denies if {
 	d := gate.decision with input as {"tool": "echo"}
 	d.decision == "deny"
+}
+
+test_refund_up_to_threshold_allowed if {
+	d := gate.decision with input as with_fields({"tool": "refund", "amount": 100})
+	d.decision == "allow"
+}
+
+test_refund_over_threshold_held if {
+	d := gate.decision with input as with_fields({"tool": "refund", "amount": 250})
+	d.decision == "hold"
+	d.reasons == ["refund_over_threshold"]
+	d.cost == 1
+}
+
+test_refund_threshold_per_tenant if {
+	d := gate.decision with input as with_fields({"tenant": "globex", "tool": "refund", "amount": 250})
+	d.decision == "allow"
+	held := gate.decision with input as with_fields({"tenant": "globex", "tool": "refund", "amount": 501})
+	held.decision == "hold"
+}
+
+test_refund_without_amount_denied if {
+	d := gate.decision with input as with_fields({"tool": "refund", "amount": null})
+	d.reasons == ["invalid_amount"]
+	negative := gate.decision with input as with_fields({"tool": "refund", "amount": -5})
+	negative.reasons == ["invalid_amount"]
+}
+
+test_deny_wins_over_hold if {
+	d := gate.decision with input as with_fields({"tool": "refund", "amount": 250, "spend": 100})
+	d.decision == "deny"
+	d.reasons == ["budget_exceeded"]
 }

@@ -98,6 +98,7 @@ def test_cli_db_migrate(database_url: str, fresh_schema: str) -> None:
         f"schema {fresh_schema}: applied 0002_writer_role\n"
         f"schema {fresh_schema}: applied 0003_ownership_epochs\n"
         f"schema {fresh_schema}: applied 0004_dlq_replay\n"
+        f"schema {fresh_schema}: applied 0005_approvals\n"
         f"schema {fresh_schema}: applied 0006_api_keys\n"
     )
     again = CliRunner().invoke(db, ["migrate", "--schema", fresh_schema], env=env)

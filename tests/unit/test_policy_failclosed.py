@@ -77,7 +77,7 @@ async def test_runtime_error(tmp_path: Path, mode: str, rego: str) -> None:
         ('"allow"', "must be an object"),
         ("true", "must be an object"),
         ("null", "must be an object"),
-        ('{"decision": "maybe", "reasons": []}', "allow, deny or redact"),
+        ('{"decision": "maybe", "reasons": []}', "allow, deny, redact or hold"),
         ('{"decision": "allow"}', "cost must be a number"),
         ('{"decision": "allow", "reasons": [], "cost": -1, "masks": []}', "out of range"),
         ('{"decision": "allow", "reasons": [], "cost": "1", "masks": []}', "must be a number"),

@@ -47,7 +47,7 @@ def test_gate_is_a_processor(gate: PolicyGate) -> None:
     assert isinstance(gate, Processor)
     assert gate.name == "gate"
     assert tuple(gate.inputs) == ("actions.proposed",)
-    assert tuple(gate.outputs) == ("actions.allowed", "actions.denied")
+    assert tuple(gate.outputs) == ("actions.allowed", "actions.denied", "actions.held")
     assert set(gate.accepts) == {"action.proposed"}
     assert gate.policy.version.startswith("sha256:")
 
