@@ -1,4 +1,4 @@
-"""``sluice dlq list|show|replay`` on NATS and Postgres: a replay is processed once, and audited."""
+"""``sluice dlq list|show|replay`` on each transport: a replay is processed once, and audited."""
 
 from __future__ import annotations
 
@@ -40,12 +40,20 @@ class Guard(Step):
         return [ctx.output("guarded", "task.guarded", {"prompt": event.data["prompt"]})]
 
 
-@pytest.fixture
+@pytest.fixture(params=["nats", "kafka"])
 def settings(
-    nats_url: str, database_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    database_url: str,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Settings]:
+    kind = request.param
     settings = settings_for(
-        "nats", nats_url=nats_url, kafka_bootstrap="x:1", database_url=database_url, prefix=prefix
+        kind,
+        nats_url=request.getfixturevalue("nats_url") if kind == "nats" else "nats://unused:1",
+        kafka_bootstrap=request.getfixturevalue("kafka_bootstrap") if kind == "kafka" else "x:1",
+        database_url=database_url,
+        prefix=prefix,
     )
     for name in list(os.environ):
         if name.startswith("SLUICE_"):
