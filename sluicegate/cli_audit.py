@@ -1,4 +1,4 @@
-"""``sluice audit verify|show``: check the hash-chained audit trail, and read a session's.
+"""``sluice audit verify|show|seal|keygen|export``: check, read, seal and export the audit trail.
 
 Thin: the chain rules live in ``sinks.audit``, the queries in
 ``sinks.queries``; this module parses flags, opens the connection
@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -25,7 +26,7 @@ from psycopg import errors
 
 from sluicegate.cli import load_settings
 from sluicegate.cli_db import _redacted
-from sluicegate.sinks import queries
+from sluicegate.sinks import queries, seals
 from sluicegate.sinks.audit import ChainBreak
 from sluicegate.sinks.db import check_schema, connect
 from sluicegate.sinks.queries import AUDIT_KINDS, AuditRow, VerifyReport
@@ -60,11 +61,25 @@ def _json_option(func: F) -> F:
 
 
 @audit.command("verify")
+@click.option(
+    "--public-key",
+    "public_keys",
+    type=click.Path(dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Also hold the trail to every seal, signed by this key (repeat after a rotation).",
+)
 @_schema_option
 @_json_option
 @click.pass_context
-def verify_command(ctx: click.Context, schema: str | None, as_json: bool) -> None:
+def verify_command(
+    ctx: click.Context, public_keys: tuple[Path, ...], schema: str | None, as_json: bool
+) -> None:
     """Recompute every hash chain and name the rows where any breaks.
+
+    With --public-key, also check every seal (`sluice audit seal`): its
+    signature, and that each chain head it signed is still the row's hash.
+    That catches the database owner who rewrites rows, recomputes the hashes
+    and moves the heads, which the chains alone cannot show.
 
     Reads the whole trail once, a page at a time, in one read-only snapshot
     (safe while workers write). Finds edited rows (hash mismatch), removed
@@ -73,16 +88,28 @@ def verify_command(ctx: click.Context, schema: str | None, as_json: bool) -> Non
     head in audit_chains disagrees). A progress bar goes to stderr on a
     terminal.
     """
+    try:
+        keys = [seals.load_public_key(path) for path in public_keys]
+    except seals.SealError as exc:
+        raise click.BadParameter(str(exc), param_hint="--public-key") from None
     started = time.perf_counter()
     report = _run(schema, _verify)
+    sealed, problems = _run(schema, lambda conn: seals.check_seals(conn, keys)) if keys else (0, [])
     elapsed = time.perf_counter() - started
     if as_json:
-        click.echo(orjson.dumps(_report_json(report, elapsed)).decode())
-        if not report.ok:
+        out = _report_json(report, elapsed)
+        if keys:
+            out["ok"] = report.ok and not problems
+            out["seals"] = sealed
+            out["seal_problems"] = [_seal_problem_json(p) for p in problems]
+        click.echo(orjson.dumps(out).decode())
+        if not out["ok"]:
             ctx.exit(1)
         return
     for found in report.breaks:
         click.echo(f"BROKEN {found} [{found.problem}]")
+    for problem in problems:
+        click.echo(f"BROKEN {problem} [{problem.problem}]")
     read = (
         f"{report.rows:,} rows in {elapsed:.1f} s ({report.rows / max(elapsed, 1e-9):,.0f} rows/s)"
     )
@@ -90,7 +117,23 @@ def verify_command(ctx: click.Context, schema: str | None, as_json: bool) -> Non
         raise click.ClickException(
             f"audit trail broken: {len(report.breaks)} of {report.chains} chains ({read})"
         )
-    click.echo(f"audit trail intact: {report.chains} chains, {read}")
+    if problems:
+        raise click.ClickException(
+            f"audit trail does not match its seals: {len(problems)} problem(s) in {sealed} seals"
+        )
+    held = f", every one of {sealed} seals holds" if keys else ""
+    click.echo(f"audit trail intact: {report.chains} chains, {read}{held}")
+
+
+def _seal_problem_json(problem: seals.SealProblem) -> dict[str, Any]:
+    return {
+        "seal_id": problem.seal_id,
+        "problem": problem.problem,
+        "reason": problem.reason,
+        "chain_step": problem.chain_step,
+        "chain_partition": problem.chain_partition,
+        "seq": problem.seq,
+    }
 
 
 async def _verify(conn: Conn) -> VerifyReport:
@@ -341,3 +384,14 @@ def _run(schema: str | None, work: Callable[[Conn], Awaitable[T]]) -> T:
         ) from None
     except psycopg.Error as exc:
         raise click.ClickException(f"audit query failed: {exc}") from None
+
+
+# `keygen` and `seal` live in their own module; they belong to this group.
+def _add_seal_commands() -> None:
+    from sluicegate.cli_seal import keygen_command, seal_command
+
+    audit.add_command(keygen_command)
+    audit.add_command(seal_command)
+
+
+_add_seal_commands()

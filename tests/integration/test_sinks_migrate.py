@@ -100,6 +100,7 @@ def test_cli_db_migrate(database_url: str, fresh_schema: str) -> None:
         f"schema {fresh_schema}: applied 0004_dlq_replay\n"
         f"schema {fresh_schema}: applied 0005_approvals\n"
         f"schema {fresh_schema}: applied 0006_api_keys\n"
+        f"schema {fresh_schema}: applied 0007_audit_seals\n"
     )
     again = CliRunner().invoke(db, ["migrate", "--schema", fresh_schema], env=env)
     assert (again.exit_code, again.output) == (0, f"schema {fresh_schema}: up to date\n")
