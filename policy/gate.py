@@ -237,7 +237,13 @@ class PolicyGate(Hooks):
             decision=decision.decision,
             reasons=decision.reasons,
             policy_version=decision.policy_version,
-            detail=_audit_detail(tool, verdict, book),
+            detail={
+                **_audit_detail(tool, verdict, book),
+                # What was decided on, as forwarded: PII the policy redacts is
+                # masked (the decision log export, `sluice audit export`, reads it).
+                "agent": event.data.get("agent"),
+                "args": verdict.args,
+            },
         )
         # The proposal as it came (validated), with the decision's fields.
         data = {

@@ -57,7 +57,14 @@ from sluicegate.sinks.audit import ChainBreak, ChainVerifier, StoredHead
 
 Conn = psycopg.AsyncConnection[Any]
 
-AUDIT_KINDS = ("processed", "decision", "dead_letter", "shadow_divergence", "dlq_replay")
+AUDIT_KINDS = (
+    "processed",
+    "decision",
+    "dead_letter",
+    "shadow_divergence",
+    "dlq_replay",
+    "approval",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -323,8 +323,17 @@ def _cells(row: AuditRow) -> tuple[str, ...]:
         row.decision or "-",
         _short_version(row.policy_version),
         row.trace_id or "-",
-        "; ".join(row.reasons) or "-",
+        _reasons_text(row),
     )
+
+
+def _reasons_text(row: AuditRow) -> str:
+    """The reasons; for an approval also who decided and why (its point in a timeline)."""
+    text = "; ".join(row.reasons) or "-"
+    detail = row.detail if isinstance(row.detail, dict) else {}
+    if row.kind == "approval" and detail.get("by"):
+        text += f" (by {detail['by']}: {detail.get('reason') or '-'})"
+    return text
 
 
 def _task_or_event(row: AuditRow) -> str:
@@ -386,12 +395,14 @@ def _run(schema: str | None, work: Callable[[Conn], Awaitable[T]]) -> T:
         raise click.ClickException(f"audit query failed: {exc}") from None
 
 
-# `keygen` and `seal` live in their own module; they belong to this group.
-def _add_seal_commands() -> None:
+# `keygen`, `seal` and `export` live in their own modules; they belong to this group.
+def _add_commands() -> None:
+    from sluicegate.cli_export import export_command
     from sluicegate.cli_seal import keygen_command, seal_command
 
     audit.add_command(keygen_command)
     audit.add_command(seal_command)
+    audit.add_command(export_command)
 
 
-_add_seal_commands()
+_add_commands()

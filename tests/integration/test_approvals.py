@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from sluicegate.cli_approvals import approvals
+from sluicegate.cli_audit import audit
 from sluicegate.settings import Settings
 from sluicegate.streams.envelope import Event
 from tests.integration.crash_support import spawn_worker
@@ -180,6 +181,12 @@ async def test_held_actions_survive_sigkill_and_are_decided_after(
         ("s2", "allow", ["approval_granted"], "bob", "ok"),
         ("s3", "deny", ["approval_denied"], "alice", "fraud"),
     ]
+    # The operator's view of the timeline names who decided and why.
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, audit, ["show", "--session", "s3"], env=env_for(settings)
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "approval_denied (by alice: fraud)" in shown.output
     # Each approval resumed exactly once.
     counts = await scalar_rows(
         settings, "SELECT count(*) FROM audit_log WHERE kind = 'processed' AND step = 'tools'"
