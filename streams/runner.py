@@ -353,6 +353,8 @@ class StepRunner:
         stall = self.config.stall_timeout_s
         self._stalls = StallWatch(stall) if stall > 0 else None
         self._next_stall_check = 0.0
+        self._ends_task: asyncio.Task[dict[TopicPartition, int]] | None = None
+        self._ends_asked: dict[TopicPartition, int | None] = {}
 
     @property
     def in_flight(self) -> int:
@@ -518,20 +520,45 @@ class StepRunner:
         return 0
 
     async def _watch_stalls(self) -> None:
-        """Report and repair partitions with lag and no progress (see stalls.py)."""
+        """Report and repair partitions with lag and no progress (see stalls.py).
+
+        The log ends are read by a task of their own (on Kafka that takes a
+        fetch per partition), so the fetch loop never waits for them; the
+        turn after they arrive judges and repairs.
+        """
         watch, sub = self._stalls, self._sub
         if watch is None or sub is None:
             return
-        now = time.monotonic()
-        if now < self._next_stall_check:
+        task = self._ends_task
+        if task is None:
+            now = time.monotonic()
+            if now < self._next_stall_check:
+                return
+            self._next_stall_check = now + max(0.2, min(5.0, watch.timeout_s / 3))
+            if self._in_flight >= self.config.max_in_flight:
+                watch.pause(now)
+                health.stalled(self.processor.name, ())
+                return
+            asked = {tp: self._offsets.get(tp) for tp in self._admitting - self._stopped}
+            if asked:
+                self._ends_asked = asked
+                self._ends_task = asyncio.create_task(self.transport.log_ends(sorted(asked)))
             return
-        self._next_stall_check = now + max(0.2, min(5.0, watch.timeout_s / 3))
-        if self._in_flight >= self.config.max_in_flight:
-            watch.pause(now)
-            health.stalled(self.processor.name, ())
+        if not task.done():
             return
-        judged = sorted(self._admitting - self._stopped)
-        ends = await self.transport.log_ends(judged) if judged else {}
+        self._ends_task = None
+        try:
+            ends = task.result()
+        except Exception as exc:
+            # Only this check is late: an outage shows in the loop's own calls.
+            log.debug("%s: reading log ends failed: %s", self.processor.name, exc)
+            return
+        asked, now = self._ends_asked, time.monotonic()
+        judged = [tp for tp in sorted(asked) if tp in self._admitting and tp not in self._stopped]
+        if any(_shorter(ends.get(tp), asked[tp]) for tp in judged):
+            # A log shorter than what was committed on it: made again.
+            await self._follow_new_logs()
+            return
         busy = self._marks.first_offsets()
         views = {
             tp: PartitionView(
@@ -539,13 +566,6 @@ class StepRunner:
             )
             for tp in judged
         }
-        if any(
-            v.end is not None and v.committed is not None and v.end < v.committed
-            for v in views.values()
-        ):
-            # A log shorter than what was committed on it: made again.
-            await self._follow_new_logs()
-            return
         before = watch.stalled
         stalled = watch.check(now, views)
         health.stalled(self.processor.name, stalled)
@@ -664,6 +684,10 @@ class StepRunner:
 
     async def close(self) -> None:
         health.forget(self.processor.name)
+        if self._ends_task is not None:
+            self._ends_task.cancel()
+            await asyncio.gather(self._ends_task, return_exceptions=True)
+            self._ends_task = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -1440,6 +1464,11 @@ def _permanent(exc: BaseException) -> StorePermanentError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _shorter(end: int | None, committed: int | None) -> bool:
+    """A log that ends before what was committed on it (so it was made again)."""
+    return end is not None and committed is not None and end < committed
 
 
 def _one_line(exc: BaseException) -> str:
