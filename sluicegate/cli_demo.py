@@ -138,8 +138,13 @@ def render(console: Console, outcome: DemoOutcome, spans: Any = None) -> None:
         ", ".join(f"{k} {v}" for k, v in sorted(outcome.decisions.items())) or "none",
     )
     summary.add_row(
-        "deny/redact reasons",
+        "deny/redact/hold reasons",
         ", ".join(f"{k} {v}" for k, v in sorted(outcome.reasons.items())) or "none",
+    )
+    summary.add_row(
+        "held for approval",
+        "; ".join(f"{tool} of task {task} approved by the demo" for tool, task in outcome.approved)
+        or "none",
     )
     summary.add_row(
         "dead letters",

@@ -2,8 +2,10 @@
 
 Brings up what is not configured (``sluicegate.localstack``), migrates a
 schema of its own, runs every step in this process, publishes the sample
-tasks (some denied or redacted by policy) and one malformed line, waits until
-every accepted task has its final result, and prints what happened. It
+tasks (some denied or redacted by policy, one refund held for approval) and
+one malformed line, approves the held refund itself (as an operator would
+with ``sluice approvals approve``), waits until every accepted task has its
+final result, and prints what happened. It
 removes its topics and stops the services it started, so nothing is left
 running. The exit code says whether everything held.
 """
@@ -16,13 +18,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from sluicegate import localstack
 from sluicegate.pipeline import TOPICS, build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
 from sluicegate.samples import DEMO, MALFORMED
 from sluicegate.settings import Settings, TransportName
+from sluicegate.sinks import approvals
 from sluicegate.sinks.db import connect
 from sluicegate.sinks.migrate import migrate
 from sluicegate.sinks.queries import StoredResult, fetch_results, verify_chains
@@ -31,6 +37,9 @@ from sluicegate.streams.publisher import Publisher
 from sluicegate.streams.transport import OutMessage
 
 Say = Callable[[str], None]
+
+# Who the demo approves held actions as, in the approvals table and the audit trail.
+DEMO_APPROVER = "sluice-demo"
 
 
 @dataclass
@@ -41,6 +50,8 @@ class DemoOutcome:
     decisions: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     dead_letters: list[tuple[str, str]] = field(default_factory=list)
+    # Held actions the demo approved: (tool, task id).
+    approved: list[tuple[str, str]] = field(default_factory=list)
     chains: int = 0
     audit_rows: int = 0
     chains_ok: bool = False
@@ -98,13 +109,16 @@ async def _run(settings: Settings, *, timeout_s: float, say: Say) -> DemoOutcome
         await publisher.publish(events)
         await transport.publish(OutMessage("tasks", MALFORMED, key=b"malformed"))
         say(f"  published {len(events)} tasks and 1 malformed line on {settings.transport}")
-        results = await _wait_for(settings, [e.id for e in events], timeout_s, worker)
+        approved: list[tuple[str, str]] = []
+        results = await _wait_for(
+            settings, [e.id for e in events], timeout_s, worker, approved=approved, say=say
+        )
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.shield(worker), 30)
         await transport.delete_topics(TOPICS)
         await transport.close()
-    outcome = DemoOutcome(settings.transport, events, results)
+    outcome = DemoOutcome(settings.transport, events, results, approved=approved)
     await _collect_audit(settings, outcome)
     outcome.elapsed_s = time.monotonic() - started
     return outcome
@@ -119,8 +133,15 @@ async def _reset_schema(settings: Settings) -> None:
 
 
 async def _wait_for(
-    settings: Settings, task_ids: Sequence[str], timeout_s: float, worker: asyncio.Task[Any]
+    settings: Settings,
+    task_ids: Sequence[str],
+    timeout_s: float,
+    worker: asyncio.Task[Any],
+    *,
+    approved: list[tuple[str, str]] | None = None,
+    say: Say = print,
 ) -> dict[str, StoredResult]:
+    """Poll for the results; with ``approved``, approve whatever the gate holds meanwhile."""
     wanted = set(task_ids)
     deadline = time.monotonic() + timeout_s
     conn = await connect(settings.resolved_database_url(), schema=settings.db_schema)
@@ -128,6 +149,19 @@ async def _wait_for(
         while True:
             if worker.done():
                 worker.result()  # a worker that died raises here, with its error
+            held_now = [] if approved is None else await approvals.list_approvals(conn)
+            for held in held_now:
+                await approvals.decide(
+                    conn,
+                    held.id,
+                    approved=True,
+                    by=DEMO_APPROVER,
+                    reason="approved by the demo",
+                    now=datetime.now(UTC),
+                )
+                assert approved is not None  # (held_now is empty otherwise)
+                approved.append((held.tool, held.task_id))
+                say(f"  approved held {held.tool} {orjson.dumps(held.args).decode()} ({held.id})")
             found = {r.task_id: r for r in await fetch_results(conn) if r.task_id in wanted}
             if len(found) == len(wanted) or time.monotonic() > deadline:
                 return found

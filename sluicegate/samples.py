@@ -49,6 +49,8 @@ DEMO: tuple[Sample, ...] = (
     Sample("globex", "erin", "run shell: ls /tmp", "denied (dangerous tool)"),
     Sample("acme", "frank", "search for murmur2 partitioning and then what is 99 / 3", "completed"),
     Sample("acme", "frank", "echo ok; run shell: reboot", "partial (one action denied)"),
+    Sample("acme", "grace", "refund 40 for order A-1001", "completed (under the threshold)"),
+    Sample("acme", "grace", "refund 250 for order A-1002", "completed (held, approved by demo)"),
 )
 
 # One line that is not a task at all: the demo publishes it raw, and the
