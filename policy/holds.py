@@ -76,7 +76,8 @@ def remember(
 async def resume(tc: TickContext, now: datetime, window_ms: int) -> list[Output]:
     """Emit the continuation of every held action of these sessions that was decided."""
     waiting: dict[str, tuple[StateKey, MutableMapping[str, Any]]] = {}
-    for key, state in tc.states():
+    # Only the sessions holding something: the gate keeps state for every session.
+    for key, state in tc.states_with(HELD_KEY):
         held = state.get(HELD_KEY)
         if isinstance(held, dict):
             for approval_id in held:

@@ -1392,11 +1392,9 @@ class StepRunner:
         """
         if not self._has_tick:
             return
-        live = {
-            key: orjson.loads(blob) for key, blob in self._states.items() if key not in self._keys
-        }
+        idle = {key: blob for key, blob in self._states.items() if key not in self._keys}
         desk = self.store if isinstance(self.store, ApprovalDesk) else None
-        tc = TickContext(step=self.processor.name, states=live, approvals=desk)
+        tc = TickContext(step=self.processor.name, blobs=idle, approvals=desk)
         try:
             outputs = await self.processor.tick(now or self._clock(), tc)
             self._check_outputs(outputs)
@@ -1409,7 +1407,7 @@ class StepRunner:
         for key in tc.touched:
             if key in self._keys:
                 continue  # an event of this key was admitted while the tick ran
-            after = orjson.dumps(live[key], option=orjson.OPT_SORT_KEYS)
+            after = orjson.dumps(tc.state_of(key), option=orjson.OPT_SORT_KEYS)
             if after != self._states.get(key):
                 self._states[key] = after
                 batch.states[(self._state_partition[key], key)] = after

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, runtime_checkable
 
+import orjson
 from pydantic import BaseModel
 
 # PEP 696 defaults (Python 3.13's typing has them): a bare ``Context`` is
@@ -303,11 +304,16 @@ class TickContext:
         self,
         *,
         step: str,
-        states: Mapping[StateKey, MutableMapping[str, Any]],
+        states: Mapping[StateKey, MutableMapping[str, Any]] | None = None,
         approvals: ApprovalDesk | None = None,
+        blobs: Mapping[StateKey, bytes] | None = None,
     ) -> None:
         self.step = step
-        self._states = states
+        # Decoded states, and the canonical JSON of those not decoded yet
+        # (the runner hands over bytes: decoding every session's state every
+        # second would cost a step that looks at few of them).
+        self._states: dict[StateKey, MutableMapping[str, Any]] = dict(states or {})
+        self._blobs = {k: b for k, b in (blobs or {}).items() if k not in self._states}
         # Where held actions' answers are read (the checkpoint store), if it keeps them.
         self.approvals = approvals
         self.touched: set[StateKey] = set()
@@ -316,9 +322,29 @@ class TickContext:
 
     def states(self) -> list[tuple[StateKey, MutableMapping[str, Any]]]:
         """Every loaded session state; reading one marks it as possibly changed."""
-        items = list(self._states.items())
-        self.touched.update(key for key, _ in items)
-        return items
+        return self._hand_out(list(self._blobs), list(self._states))
+
+    def states_with(self, key: str) -> list[tuple[StateKey, MutableMapping[str, Any]]]:
+        """The session states that have top-level ``key`` (others are not even decoded)."""
+        marker = orjson.dumps(key) + b":"
+        # A cheap byte search first; a false match (the text inside a nested
+        # object) only costs decoding that state.
+        maybe = [k for k, blob in self._blobs.items() if marker in blob]
+        items = self._hand_out(maybe, [k for k, v in self._states.items() if key in v])
+        return [(k, state) for k, state in items if key in state]
+
+    def state_of(self, key: StateKey) -> MutableMapping[str, Any]:
+        """A state handed out by ``states``/``states_with`` (the runner commits it)."""
+        return self._states[key]
+
+    def _hand_out(
+        self, undecoded: list[StateKey], decoded: list[StateKey]
+    ) -> list[tuple[StateKey, MutableMapping[str, Any]]]:
+        for k in undecoded:
+            self._states[k] = orjson.loads(self._blobs.pop(k))
+        keys = [*decoded, *undecoded]
+        self.touched.update(keys)
+        return [(k, self._states[k]) for k in keys]
 
     def output(
         self,

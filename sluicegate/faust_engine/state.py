@@ -21,10 +21,12 @@ native engine; the table is how Faust users see and query that state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from sluicegate.streams.approvals import ApprovalDesk, ApprovalOutcome
 from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, Progress
 from sluicegate.streams.partitioning import partition_for
 from sluicegate.streams.step import StateKey
@@ -155,6 +157,14 @@ class MirroredStore:
 
     async def load_dead_lettered_ids(self, step: str, partition: int, limit: int) -> set[str]:
         return await self.inner.load_dead_lettered_ids(step, partition, limit)
+
+    async def settle_approvals(
+        self, step: str, ids: Sequence[str], now: datetime
+    ) -> list[ApprovalOutcome]:
+        # Held actions live in Postgres only; the gate's tick reads them through here.
+        if not isinstance(self.inner, ApprovalDesk):
+            return []
+        return await self.inner.settle_approvals(step, ids, now)
 
     async def commit(self, batch: CommitBatch) -> None:
         await self.inner.commit(batch)

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from sluicegate.agents.pipeline import reference_steps
+from sluicegate.agents.rule_planner import plan_request
+from sluicegate.agents.tools import ToolContext, ToolError, refund
 from sluicegate.policy.decision import MalformedDecision, parse_decision
+from sluicegate.policy.features import amount_of
 from sluicegate.policy.gate import PolicyGate, approval_timeout_from
 from sluicegate.streams.approvals import ApprovalError
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.step import StateKey, TickContext
 from sluicegate.testing import MemoryPipeline
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -150,3 +155,46 @@ def test_approval_timeout_setting() -> None:
     for bad in ("0", "-1", "soon", "inf"):
         with pytest.raises(ValueError, match="SLUICE_APPROVAL_TIMEOUT"):
             approval_timeout_from({"SLUICE_APPROVAL_TIMEOUT": bad})
+
+
+def test_a_tick_decodes_only_the_states_it_asks_for() -> None:
+    held, plain = StateKey("acme", "h"), StateKey("acme", "p")
+    blobs = {
+        held: orjson.dumps({"held": {"a": {}}, "policy": {}}, option=orjson.OPT_SORT_KEYS),
+        plain: orjson.dumps({"policy": {"text": '"held":'}}),
+    }
+    tc = TickContext(step="gate", blobs=blobs)
+    assert [key for key, _ in tc.states_with("held")] == [held]
+    assert tc.touched == {held}
+    assert tc.state_of(held)["held"] == {"a": {}}
+
+
+async def test_refund_rule_and_tool() -> None:
+    call = plan_request("refund 250 for order A-1")
+    assert (call.tool, call.args) == ("refund", {"amount": 250, "order": "A-1"})
+    assert plan_request("Refund 12.5 order B_2").args == {"amount": 12.5, "order": "B_2"}
+    ctx = ToolContext(now=T0, tenant="acme", session="s", task_id="t", agent="a")
+    out = await refund.run({"amount": 12.5, "order": "B_2"}, ctx)
+    assert out["summary"] == "refunded 12.5 on order B_2"
+    for bad in ({"amount": True, "order": "A"}, {"amount": 0, "order": "A"}, {"amount": 5}):
+        with pytest.raises(ToolError):
+            await refund.run(bad, ctx)
+    assert [amount_of(v) for v in (3, 2.5, True, "7", float("nan"), None)] == [
+        3,
+        2.5,
+        None,
+        None,
+        None,
+        None,
+    ]
+
+
+def test_approvals_cli_refuses_bad_input_in_one_line() -> None:
+    from click.testing import CliRunner
+
+    from sluicegate.cli_approvals import approvals
+
+    missing = CliRunner().invoke(approvals, ["approve", "some-id"])
+    assert missing.exit_code == 2 and "--reason" in missing.output
+    empty = CliRunner().invoke(approvals, ["deny", "some-id", "--reason", "  "])
+    assert empty.exit_code == 2 and "must not be empty" in empty.output
