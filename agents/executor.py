@@ -135,6 +135,7 @@ class ToolsStep(Step[ActionAllowed]):
             action_index=action.action_index,
             action_count=action.action_count,
             tool=action.tool,
+            approval=action.approval,
             ok=ok,
             output=output,
             error=error,

@@ -45,6 +45,7 @@ from sluicegate.agents.schemas import (
     TaskCompleted,
     ToolResult,
 )
+from sluicegate.streams.approvals import TIMEOUT_APPROVER
 from sluicegate.streams.envelope import Event
 from sluicegate.streams.step import Context, Output, StateKey, TickContext
 
@@ -67,6 +68,7 @@ def outcome_of(data: ToolResult | ActionDenied) -> tuple[Outcome, str | None]:
             tool=data.tool,
             status="denied",
             reasons=list(data.reasons),
+            approval=data.approval,
         )
         return outcome, None
     problem = None
@@ -82,6 +84,7 @@ def outcome_of(data: ToolResult | ActionDenied) -> tuple[Outcome, str | None]:
         status="ok" if data.ok else "error",
         output=data.output,
         error=data.error,
+        approval=data.approval,
     )
     return outcome, problem
 
@@ -108,6 +111,10 @@ def _describe(outcome: Outcome) -> str:
         text = f"failed: {outcome.error}"
     else:
         text = "no outcome received"
+    approval = outcome.approval
+    if approval is not None and approval.by != TIMEOUT_APPROVER:
+        # A held action: who let it through or refused it, and why.
+        text += f" [{approval.by}: {approval.reason}]"
     if len(text) > MAX_SUMMARY_CHARS:
         text = text[: MAX_SUMMARY_CHARS - 1] + "…"
     return f"{outcome.action_index + 1}. {tool}: {text}"

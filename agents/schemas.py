@@ -162,6 +162,15 @@ class ActionProposed(_ActionFields):
         return _bounded(value, MAX_ARGS_BYTES, "args")
 
 
+class Approval(_Own):
+    """Who decided a held action, why and when (``sluice approvals``, or the timeout)."""
+
+    id: str
+    by: str
+    reason: str
+    decided_at: datetime | None = None
+
+
 class ActionAllowed(ActionProposed):
     """An action the gate let through (``args`` may be redacted), on ``actions.allowed``."""
 
@@ -169,6 +178,8 @@ class ActionAllowed(ActionProposed):
 
     decision: str = "allow"
     policy_version: str | None = None
+    # Set when the action was held and a person approved it.
+    approval: Approval | None = None
 
 
 class ActionDenied(ActionProposed):
@@ -179,6 +190,8 @@ class ActionDenied(ActionProposed):
     decision: str = "deny"
     reasons: list[str] = Field(default_factory=list)
     policy_version: str | None = None
+    # Set when the action was held and then denied (or timed out).
+    approval: Approval | None = None
 
 
 class ActionHeld(ActionProposed):
@@ -211,6 +224,8 @@ class ToolResult(_ActionFields):
     error: str | None = Field(default=None, max_length=2000)
     # 0 when the tool was never called (unknown tool, refused decision).
     attempts: int = Field(default=0, ge=0)
+    # The approval of a held action, passed on so the final answer names it.
+    approval: Approval | None = None
 
     @field_validator("output")
     @classmethod
@@ -227,6 +242,7 @@ class Outcome(_Own):
     output: dict[str, Any] | None = None
     error: str | None = None
     reasons: list[str] = Field(default_factory=list)
+    approval: Approval | None = None
 
 
 class Answer(_Own):

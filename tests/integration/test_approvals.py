@@ -168,9 +168,9 @@ async def test_held_actions_survive_sigkill_and_are_decided_after(
     results = {r.task_id: r for r in await all_results(settings)}
     assert results[later.id].status == "completed"
     assert results[first.id].status == results[second.id].status == "completed"
-    assert "refunded 400 on order B-2" in str(results[second.id].answer)
+    assert "refunded 400 on order B-2 [bob: ok]" in str(results[second.id].answer)
     assert results[third.id].status == "denied"
-    assert "approval_denied" in str(results[third.id].answer)
+    assert "denied (approval_denied) [alice: fraud]" in str(results[third.id].answer)
     rows = await scalar_rows(
         settings,
         "SELECT session, decision, reasons, detail->>'by', detail->>'reason' FROM audit_log "

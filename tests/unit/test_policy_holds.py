@@ -77,7 +77,8 @@ async def test_small_refund_passes_and_large_one_is_held_until_approved() -> Non
         await p.tick(T0 + timedelta(seconds=6))
         result = p.results[large.id]
         assert result.status == "completed"
-        assert "refunded 250 on order A-2" in str(result.answer)
+        assert "refunded 250 on order A-2 [ops: ok]" in result.answer["text"]
+        assert result.answer["outcomes"][0]["approval"]["by"] == "ops"
         [row] = p.audit_of("approval", step="gate")
         assert (row.decision, row.reasons) == ("allow", ("approval_granted",))
         assert (row.detail["by"], row.detail["reason"], row.detail["id"]) == ("ops", "ok", held.id)
@@ -102,7 +103,7 @@ async def test_denied_and_timed_out_holds_reach_the_responder() -> None:
         )
         await p.tick(T0 + TIMEOUT)  # the deadline of both: the undecided one times out
         assert p.results[denied.id].status == "denied"
-        assert "approval_denied" in str(p.results[denied.id].answer)
+        assert "denied (approval_denied) [ops: no]" in p.results[denied.id].answer["text"]
         assert p.results[late.id].status == "denied"
         assert "approval_timeout" in str(p.results[late.id].answer)
         reasons = {r.session: (r.decision, r.reasons) for r in p.audit_of("approval")}
