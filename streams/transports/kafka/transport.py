@@ -434,8 +434,10 @@ class KafkaTransport:
             enable_auto_commit=False,
             **_pick(self._tuning, _CLIENT_OPTIONS),
         )
-        await self._bounded(probe.start())
         try:
+            # Inside the try: a start that fails (the broker away) is stopped
+            # too, not left behind as an unclosed consumer on every attempt.
+            await self._bounded(probe.start())
             ends: dict[KafkaTopicPartition, int] = dict(await probe.end_offsets(list(tps)))
             pending = {tp for tp, end in ends.items() if end > 0}
             probe.assign(list(pending))
