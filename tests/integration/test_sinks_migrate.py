@@ -20,7 +20,17 @@ from sluicegate.streams.step import AuditRecord
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"schema_migrations", "step_offsets", "step_state", "results", "audit_log", "audit_chains"}
+TABLES = {
+    "schema_migrations",
+    "step_offsets",
+    "step_state",
+    "results",
+    "audit_log",
+    "audit_chains",
+    "approvals",
+    "api_keys",
+    "audit_seals",
+}
 
 
 @pytest.fixture
