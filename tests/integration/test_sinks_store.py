@@ -19,7 +19,12 @@ from sluicegate.sinks.audit import CANONICAL_FIELDS, GENESIS_HASH, chain_hash
 from sluicegate.sinks.db import connect
 from sluicegate.sinks.migrate import migrate
 from sluicegate.sinks.store import PostgresCheckpointStore, _Commit
-from sluicegate.streams.checkpoint import CheckpointStore, CommitBatch, StaleBatchError
+from sluicegate.streams.checkpoint import (
+    CheckpointStore,
+    CommitBatch,
+    StaleBatchError,
+    StorePermanentError,
+)
 from sluicegate.streams.step import AuditRecord, ResultRecord, StateKey
 from sluicegate.streams.transport import TopicPartition
 
@@ -293,8 +298,11 @@ async def test_invalid_state_mid_commit_leaves_nothing(
     )
     broken.audit.append((1, audit("b-p1")))
     # The state upsert runs after the audit COPY, in the last round trip.
-    with pytest.raises(errors.InvalidTextRepresentation):
+    # Postgres refusing the data is permanent (retrying cannot help): the
+    # store says so, with Postgres's error as the cause.
+    with pytest.raises(StorePermanentError) as refused:
         await store.commit(broken)
+    assert isinstance(refused.value.__cause__, errors.InvalidTextRepresentation)
     assert await footprint(db) == before
     assert store.stats.failed == 1
 
