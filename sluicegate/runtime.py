@@ -20,6 +20,7 @@ from typing import Any
 
 from sluicegate import worker_log
 from sluicegate.cli_errors import redact
+from sluicegate.service_security import kafka_security_options, nats_connect_options
 from sluicegate.settings import Settings, TransportName
 from sluicegate.streams.checkpoint import CheckpointStore
 from sluicegate.streams.errors import SluiceError
@@ -56,6 +57,7 @@ def make_transport(
             settings.resolved_nats_url(),
             prefix=settings.topic_prefix,
             partitions=settings.partitions,
+            connect_options=nats_connect_options(settings),
             **tuning,
         )
     from sluicegate.streams.transports.kafka import KafkaTransport
@@ -64,6 +66,7 @@ def make_transport(
         settings.resolved_kafka_bootstrap(),
         prefix=settings.topic_prefix,
         partitions=settings.partitions,
+        **kafka_security_options(settings),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluicegate.streams.runner import DEFAULT_MAX_IN_FLIGHT, RunnerConfig
@@ -62,6 +62,29 @@ class Settings(BaseSettings):
     local_retention_mb: int = Field(default=256, ge=1, le=1_000_000)
     local_retention_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
+    # Credentials and TLS of the services (sluicegate/service_security.py).
+    # NATS: a .creds file (JWT and nkey seed), or an nkey seed file, or user
+    # and password (the URL's user:password@ works too); TLS when a CA or a
+    # client certificate is given or the URL is tls://.
+    nats_creds: Path | None = None
+    nats_nkey_seed: Path | None = None
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    # Kafka: the security protocol, the SASL mechanism and its credentials,
+    # and TLS (a CA for the brokers' certificates, a client certificate).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_tls_ca: Path | None = None
+    kafka_tls_cert: Path | None = None
+    kafka_tls_key: Path | None = None
+
     # `sluice serve`, the HTTP gateway: where it listens; events accepted and
     # not yet acknowledged by the broker beyond which it answers 429; the most
     # events one batch request may carry and the largest body it may send
@@ -80,6 +103,26 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator(
+        "nats_creds",
+        "nats_nkey_seed",
+        "nats_user",
+        "nats_password",
+        "nats_tls_ca",
+        "nats_tls_cert",
+        "nats_tls_key",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_tls_ca",
+        "kafka_tls_cert",
+        "kafka_tls_key",
+        mode="before",
+    )
+    @classmethod
+    def _blank_credential_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("metrics_port", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import itertools
 import logging
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -80,10 +80,14 @@ class NatsTransport:
         prefix: str,
         partitions: int,
         worker_id: str | None = None,
+        connect_options: Mapping[str, Any] | None = None,
         **tuning: Any,
     ) -> None:
         """``worker_id`` names this worker in the ownership bucket (default
-        ``<host>-<pid>-<random>``); ``tuning`` are :class:`NatsTuning` fields."""
+        ``<host>-<pid>-<random>``); ``connect_options`` go to nats-py's
+        ``connect`` as they are (credentials, TLS: ``user_credentials``,
+        ``nkeys_seed``, ``user``, ``password``, ``tls``); ``tuning`` are
+        :class:`NatsTuning` fields."""
         if partitions <= 0:
             raise ValueError(f"partitions must be positive, got {partitions}")
         if not _PREFIX_RE.fullmatch(prefix):
@@ -93,6 +97,7 @@ class NatsTransport:
         self.prefix = prefix
         self.partitions = partitions
         self.tuning = NatsTuning(**tuning)
+        self._connect_options = dict(connect_options or {})
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._ack_prefix = ""
@@ -148,6 +153,7 @@ class NatsTransport:
             # Every subject we use is built from a checked prefix and topic;
             # nats-py's per-publish regex checks cost ~10% of publish time.
             skip_subject_validation=True,
+            **self._connect_options,
         )
 
     async def _abandon(self, nc: Client) -> None:
