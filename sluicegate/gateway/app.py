@@ -27,8 +27,9 @@ from starlette.routing import Route
 
 from sluicegate.agents.graph import Pipeline
 from sluicegate.cli_errors import redact
-from sluicegate.gateway import ingest
+from sluicegate.gateway import approvals, ingest
 from sluicegate.gateway.auth import Authenticator
+from sluicegate.gateway.bodies import read_body
 from sluicegate.gateway.openapi import document
 from sluicegate.gateway.problems import Problem, problem_response, render
 from sluicegate.gateway.results import (
@@ -154,25 +155,6 @@ async def _connect_once(url: str, timeout: float) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) one over ``limit`` bytes without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(len(body), limit)
-    return bytes(body)
-
-
-def _too_large(size: int, limit: int) -> Problem:
-    return Problem(
-        413, f"the body is {size} bytes, over the {limit}-byte limit", reason="too_large"
-    )
 
 
 def json_response(
@@ -351,6 +333,9 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
             Route("/v1/results/stream", stream_results, methods=["GET"]),
             Route("/v1/sessions/{session}/audit", get_session_audit, methods=["GET"]),
+            Route("/v1/approvals", approvals.list_held, methods=["GET"]),
+            Route("/v1/approvals/{approval_id}:approve", approvals.approve, methods=["POST"]),
+            Route("/v1/approvals/{approval_id}:deny", approvals.deny, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],

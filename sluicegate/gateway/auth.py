@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from sluicegate.gateway.problems import Problem
+from sluicegate.sinks.api_keys import parse_key
 
 # Cached keys kept at most; past it the cache starts over (a flood of
 # different valid keys is unusual, and memory must stay bounded).
@@ -32,6 +33,10 @@ class Authenticator:
 
     async def tenant(self, headers: Mapping[str, str]) -> str:
         """The caller's tenant; ``Problem(401)`` without a valid, unrevoked key."""
+        return (await self.caller(headers))[0]
+
+    async def caller(self, headers: Mapping[str, str]) -> tuple[str, str]:
+        """The caller's tenant and key id (who decided, on an approval); else ``Problem(401)``."""
         header = headers.get("authorization")
         if not header:
             raise Problem(
@@ -47,10 +52,12 @@ class Authenticator:
                 "the Authorization header must read: Bearer KEY",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_request"'},
             )
+        parsed = parse_key(key)
+        key_id = parsed[0] if parsed else "?"
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
-            return cached[0]
+            return cached[0], key_id
         tenant = await self._lookup(key)
         if tenant is None:
             self._cache.pop(key, None)
@@ -63,4 +70,4 @@ class Authenticator:
             if len(self._cache) >= MAX_CACHED:
                 self._cache.clear()
             self._cache[key] = (tenant, now + self.ttl)
-        return tenant
+        return tenant, key_id

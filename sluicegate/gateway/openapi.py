@@ -142,6 +142,37 @@ def _schemas(gateway: Gateway) -> dict[str, Any]:
                     "events": {"type": "array", "items": _ref("AuditEvent")},
                 },
             },
+            "Approval": {
+                "type": "object",
+                "required": ["id", "tenant", "session", "task_id", "tool", "args", "reasons"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "tenant": {"type": "string"},
+                    "session": {"type": "string"},
+                    "task_id": {"type": "string"},
+                    "tool": {"type": "string"},
+                    "args": {"type": "object"},
+                    "reasons": {"type": "array", "items": {"type": "string"}},
+                    "deadline": {"type": "string"},
+                    "status": {"type": "string", "enum": ["pending", "approved", "denied"]},
+                    "created_at": {"type": "string"},
+                    "policy_version": {"type": ["string", "null"]},
+                    "trace_id": {"type": ["string", "null"]},
+                    "decided_by": {"type": ["string", "null"]},
+                    "decided_reason": {"type": ["string", "null"]},
+                    "decided_at": {"type": ["string", "null"]},
+                },
+            },
+            "Approvals": {
+                "type": "object",
+                "required": ["approvals"],
+                "properties": {"approvals": {"type": "array", "items": _ref("Approval")}},
+            },
+            "Decision": {
+                "type": "object",
+                "required": ["reason"],
+                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 2000}},
+            },
             "Health": {
                 "type": "object",
                 "required": ["status"],
@@ -176,6 +207,39 @@ def _submit_errors() -> dict[str, Any]:
         "415": _problem("A content type the gateway does not take"),
         "429": _problem("Publishing is backed up: retry after Retry-After", retry_after=True),
         "503": _problem("The broker did not take the tasks", retry_after=True),
+    }
+
+
+def _decision(verb: str, bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": f"{verb.capitalize()} a held action, with a reason",
+            "security": bearer,
+            "parameters": [
+                {
+                    "name": "approval_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("Decision")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "Decided; the gate resumes or drops the action",
+                    "content": {"application/json": {"schema": _ref("Approval")}},
+                },
+                "400": _problem("No reason"),
+                "401": UNAUTHORIZED,
+                "404": _problem("No such held action for this tenant"),
+                "409": _problem("Already decided, or past its deadline (then denied)"),
+                "413": _problem("The body is over the size limit"),
+                "503": _problem("The database is unavailable", retry_after=True),
+            },
+        }
     }
 
 
@@ -326,6 +390,42 @@ def document(gateway: Gateway) -> dict[str, Any]:
                         "503": _problem("The database is unavailable", retry_after=True),
                     },
                 }
+            },
+            "/v1/approvals": {
+                "get": {
+                    "summary": "The tenant's held actions, oldest first (pending by default)",
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "string",
+                                "enum": ["pending", "approved", "denied", "all"],
+                            },
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Held actions",
+                            "content": {"application/json": {"schema": _ref("Approvals")}},
+                        },
+                        "400": _problem("A bad status or limit"),
+                        "401": UNAUTHORIZED,
+                        "503": _problem("The database is unavailable", retry_after=True),
+                    },
+                }
+            },
+            **{
+                f"/v1/approvals/{{approval_id}}:{verb}": _decision(verb, bearer)
+                for verb in ("approve", "deny")
             },
             "/healthz": {
                 "get": {

@@ -11,6 +11,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sluicegate.gateway.app import Gateway
@@ -18,7 +19,9 @@ from sluicegate.gateway.server import Listening, listening
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
 from sluicegate.sinks import api_keys
+from sluicegate.sinks.approvals import INSERT_APPROVALS, insert_columns
 from sluicegate.sinks.db import connect
+from sluicegate.streams.approvals import ApprovalRequest
 from sluicegate.streams.transport import Transport
 
 T = TypeVar("T")
@@ -61,6 +64,32 @@ def revoke(settings: Settings, key: str) -> None:
         conn = await connect(settings.resolved_database_url(), schema=settings.db_schema)
         try:
             await api_keys.revoke_key(conn, parsed[0])
+        finally:
+            await conn.close()
+
+    in_thread(go)
+
+
+def hold(settings: Settings, tenant: str, approval_id: str) -> None:
+    """A pending held action of ``tenant``, as the gate records one (issue 18's table)."""
+    request = ApprovalRequest(
+        id=approval_id,
+        step="gate",
+        tenant=tenant,
+        session=f"{tenant[0]}-held",
+        partition=0,
+        task_id=f"task-{approval_id}",
+        tool="refund",
+        args={"amount": 250},
+        reasons=("refund_over_threshold",),
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+        event_id=f"event-{approval_id}",
+    )
+
+    async def go() -> None:
+        conn = await connect(settings.resolved_database_url(), schema=settings.db_schema)
+        try:
+            await conn.execute(INSERT_APPROVALS, insert_columns("gate", [request]))
         finally:
             await conn.close()
 

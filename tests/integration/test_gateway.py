@@ -18,7 +18,7 @@ import pytest
 
 from sluicegate.settings import Settings
 from sluicegate.streams.transport import OutMessage
-from tests.integration.gateway_support import in_thread, new_key, revoke, served
+from tests.integration.gateway_support import hold, in_thread, new_key, revoke, served
 from tests.integration.pipeline_support import (
     prepare_database,
     running_pipeline,
@@ -247,6 +247,9 @@ async def test_unauthorized(url: str, keys: dict[str, str], gw_settings: Setting
         ("GET", "/v1/tasks/x"),
         ("GET", "/v1/results/stream"),
         ("GET", "/v1/sessions/a-1/audit"),
+        ("GET", "/v1/approvals"),
+        ("POST", "/v1/approvals/x:approve"),
+        ("POST", "/v1/approvals/x:deny"),
     ]
     bad = [
         {},
@@ -353,3 +356,33 @@ async def test_backed_up_publishing_answers_429(
         held.release.set()
         assert (await first)[0] == 202
     assert len(held.published) == 1
+
+
+async def test_approvals(url: str, keys: dict[str, str], gw_settings: Settings) -> None:
+    acme, globex = keys["acme"], keys["globex"]
+    for tenant, approval_id in [("acme", "ap-1"), ("acme", "ap-2"), ("globex", "gp-1")]:
+        hold(gw_settings, tenant, approval_id)
+    status, listed = await get(url, "/v1/approvals", auth(acme))
+    assert status == 200 and [a["id"] for a in listed["approvals"]] == ["ap-1", "ap-2"]
+    assert listed["approvals"][0]["tool"] == "refund"
+
+    reason = {"reason": "customer is known"}
+    # Another tenant's held action is as unknown as one that does not exist.
+    assert (await post(url, "/v1/approvals/gp-1:approve", reason, auth(acme)))[0] == 404
+    assert (await post(url, "/v1/approvals/nope:deny", reason, auth(acme)))[0] == 404
+    assert (await post(url, "/v1/approvals/ap-1:approve", {}, auth(acme)))[0] == 400
+
+    status, decided, _ = await post(url, "/v1/approvals/ap-1:approve", reason, auth(acme))
+    key_id = acme.split("_")[1]
+    assert status == 200, decided
+    assert (decided["status"], decided["decided_by"]) == ("approved", f"api-key {key_id}")
+    assert (await post(url, "/v1/approvals/ap-1:deny", reason, auth(acme)))[0] == 409
+    status, denied, _ = await post(url, "/v1/approvals/ap-2:deny", {"reason": "no"}, auth(acme))
+    assert (status, denied["status"], denied["decided_reason"]) == (200, "denied", "no")
+
+    assert (await get(url, "/v1/approvals", auth(acme)))[1] == {"approvals": []}
+    status, everything = await get(url, "/v1/approvals?status=all", auth(acme))
+    assert [a["status"] for a in everything["approvals"]] == ["approved", "denied"]
+    status, theirs = await get(url, "/v1/approvals", auth(globex))
+    assert [a["id"] for a in theirs["approvals"]] == ["gp-1"]
+    assert (await get(url, "/v1/approvals?status=maybe", auth(acme)))[0] == 400
