@@ -46,6 +46,7 @@ from sluicegate.streams.transports.kafka.clients import (
     _quietly,
 )
 from sluicegate.streams.transports.kafka.names import _encode_headers, _Names
+from sluicegate.streams.transports.kafka.quiet import quiet_aiokafka
 from sluicegate.streams.transports.kafka.subscription import KafkaSubscription
 from sluicegate.streams.transports.kafka.topic_ids import topic_ids
 
@@ -101,6 +102,8 @@ class KafkaTransport:
     async def connect(self) -> None:
         if self._producer is not None:
             return
+        # aiokafka logs each failed attempt while a broker is away (hundreds a second).
+        quiet_aiokafka()
         admin = AIOKafkaAdminClient(
             bootstrap_servers=self.bootstrap, **_pick(self._tuning, _ADMIN_OPTIONS)
         )
