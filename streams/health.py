@@ -29,6 +29,12 @@ def outage(step: str, reason: str | None) -> None:
             _outages[step] = reason
 
 
+def outages() -> dict[str, str]:
+    """The outages reported now, by reporter."""
+    with _lock:
+        return dict(_outages)
+
+
 def stalled(step: str, tps: Iterable[TopicPartition]) -> None:
     """The partitions of ``step`` that have lag and made no progress (empty: none)."""
     frozen = frozenset(tps)

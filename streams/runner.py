@@ -550,12 +550,17 @@ class StepRunner:
         if not task.done():
             return
         self._ends_task = None
+        broker = f"{self.processor.name} broker"
         try:
             ends = task.result()
         except Exception as exc:
-            # Only this check is late: an outage shows in the loop's own calls.
-            log.debug("%s: reading log ends failed: %s", self.processor.name, exc)
+            # The broker is away: not ready, even while nothing else fails
+            # (an idle consumer's fetches do not raise while it reconnects).
+            if broker not in health.outages():
+                log.warning("%s: cannot read the log ends: %s", self.processor.name, exc)
+            health.outage(broker, f"cannot read the log ends: {_one_line(exc)[:160]}")
             return
+        health.outage(broker, None)
         asked, now = self._ends_asked, time.monotonic()
         judged = [tp for tp in sorted(asked) if tp in self._admitting and tp not in self._stopped]
         if any(_shorter(ends.get(tp), asked[tp]) for tp in judged):
@@ -687,6 +692,7 @@ class StepRunner:
 
     async def close(self) -> None:
         health.forget(self.processor.name)
+        health.forget(f"{self.processor.name} broker")
         if self._ends_task is not None:
             self._ends_task.cancel()
             await asyncio.gather(self._ends_task, return_exceptions=True)

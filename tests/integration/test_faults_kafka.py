@@ -25,6 +25,7 @@ from tests.integration.fault_support import (
     assert_exactly_once,
     pg_proxy,
     publish_paced,
+    readyz_until,
     through,
 )
 from tests.integration.pipeline_support import (
@@ -195,7 +196,9 @@ async def test_sigterm_while_kafka_is_down_ends_the_worker_within_its_grace(
     settings = _settings(own_tansu, database_url)
     await prepare_database(settings)
     events = [t.event for t in mixed_tasks(1000, sessions=100)]
-    worker = Worker(settings, tmp_path / "worker.log", FAULT_ENV)
+    port = localstack.free_port()
+    env = {**FAULT_ENV, "SLUICE_METRICS_PORT": str(port)}
+    worker = Worker(settings, tmp_path / "worker.log", env)
     try:
         publisher = asyncio.create_task(publish_paced(settings, events, per_second=200))
         deadline = time.monotonic() + 120
@@ -206,7 +209,9 @@ async def test_sigterm_while_kafka_is_down_ends_the_worker_within_its_grace(
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
         await asyncio.to_thread(own_tansu.stop)
-        await asyncio.sleep(3)  # into the retry loops and commits that cannot land
+        # Not ready while the broker is away, even where nothing else fails.
+        status, why = await readyz_until(port, lambda code, body: code == 503, timeout_s=30)
+        print(f"/readyz with Kafka down: {status} {why[:200]}")
         code, took = await worker.terminate(GRACE + 5)
         assert code is not None, f"still running {took:.0f}s after SIGTERM: {worker.tail()}"
         assert took <= GRACE + 2, f"SIGTERM took {took:.1f}s (grace {GRACE:g}s)"
