@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from sluicegate.agents.graph import Pipeline
 from sluicegate.cli_errors import redact
-from sluicegate.gateway import approvals, ingest
+from sluicegate.gateway import approvals, ingest, page
 from sluicegate.gateway.auth import Authenticator
 from sluicegate.gateway.bodies import read_body
 from sluicegate.gateway.openapi import document
@@ -336,6 +336,8 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/v1/approvals", approvals.list_held, methods=["GET"]),
             Route("/v1/approvals/{approval_id}:approve", approvals.approve, methods=["POST"]),
             Route("/v1/approvals/{approval_id}:deny", approvals.deny, methods=["POST"]),
+            Route("/ui", page.page, methods=["GET"]),
+            Route("/ui/app.js", page.script, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
