@@ -71,8 +71,12 @@ def serve(
             await server.wait()
         click.echo("sluice serve: stopped", err=True)
 
+    from sluicegate.gateway.server import ListenError
+
     try:
         _run(main())
+    except ListenError as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         telemetry.shutdown()
 

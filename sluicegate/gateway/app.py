@@ -85,12 +85,14 @@ class Gateway:
 
     async def start(self) -> None:
         url = self.settings.resolved_database_url()
+        # One plain connection first: a refused or failed one raises psycopg's
+        # own error (one line from the CLI), where the pool would log every
+        # retry and then only say it timed out.
+        await _connect_once(url, self.settings.db_connect_timeout)
         try:
             await self.pool.open(wait=True, timeout=self.settings.db_connect_timeout)
         except PoolTimeout:
             await self.pool.close()
-            # psycopg_pool only says it timed out; the first connection's error says why.
-            await _connect_once(url, self.settings.db_connect_timeout)
             raise TimeoutError(
                 f"Postgres at {redact(url)} did not answer within "
                 f"{self.settings.db_connect_timeout:g}s"

@@ -21,12 +21,17 @@ from sluicegate.agents.graph import Pipeline
 from sluicegate.gateway.app import Gateway, create_app
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
+from sluicegate.streams.errors import SluiceError
 
 log = logging.getLogger("sluicegate.gateway")
 
 
 def build(settings: Settings, *, pipeline: Pipeline | None = None, topic: str = "tasks") -> Gateway:
     return Gateway(settings, make_transport(settings), pipeline=pipeline, topic=topic)
+
+
+class ListenError(SluiceError, OSError):
+    """The address to serve on cannot be bound (in use, not this host's, no permission)."""
 
 
 class _Server(uvicorn.Server):
@@ -71,7 +76,7 @@ async def listening(
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound = int(sock.getsockname()[1])
     try:
         await gateway.start()
