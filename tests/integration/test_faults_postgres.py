@@ -200,7 +200,7 @@ async def test_a_permanent_error_is_reported_at_once(
         await execute_sql(settings, "ALTER TABLE results DROP COLUMN trace_id")
         started = time.monotonic()
         await publish_paced(settings, events[200:], per_second=RATE)
-        code = await worker.wait_exit(30)
+        code = await worker.wait_exit(90)  # bounded; at once when the machine is quiet
         took = time.monotonic() - started
         assert code == 1, f"exit {code}: {worker.tail()}"
         line = _last_line(worker)
