@@ -386,3 +386,27 @@ async def test_approvals(url: str, keys: dict[str, str], gw_settings: Settings) 
     status, theirs = await get(url, "/v1/approvals", auth(globex))
     assert [a["id"] for a in theirs["approvals"]] == ["gp-1"]
     assert (await get(url, "/v1/approvals?status=maybe", auth(acme)))[0] == 400
+
+
+async def test_round_trip_on_kafka(kafka_bootstrap: str, database_url: str) -> None:
+    settings = settings_for(
+        "kafka",
+        nats_url="nats://unused:1",
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        prefix=new_prefix(),
+    )
+    await prepare_database(settings)
+    key = new_key(settings, "acme")
+    with served(settings) as base:
+        async with running_pipeline(settings):
+            status, accepted, _ = await post(
+                base,
+                "/v1/tasks",
+                {"id": "k-1", "session": "a-kafka", "data": {"prompt": "what is 5 * 5"}},
+                auth(key, traceparent=TRACEPARENT),
+            )
+            assert status == 202
+            status, result = await get(base, f"/v1/tasks/{accepted['task_id']}?wait=60", auth(key))
+    assert status == 200, result
+    assert "25" in result["answer"]["text"] and result["trace_id"] == TRACE_ID
