@@ -321,6 +321,7 @@ def document(gateway: Gateway) -> dict[str, Any]:
                             "name": "task_id",
                             "in": "path",
                             "required": True,
+                            "description": "The task id the submit answered, or your own id",
                             "schema": {"type": "string"},
                         },
                         {

@@ -21,6 +21,7 @@ import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from sluicegate.gateway.ingest import MAX_ID, scoped_id
 from sluicegate.sinks.queries import StoredResult, fetch_result, results_since
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
@@ -47,8 +48,16 @@ def result_body(result: StoredResult) -> dict[str, Any]:
 
 
 async def read_result(pool: Pool, task_id: str, tenant: str) -> StoredResult | None:
+    """The tenant's result for ``task_id``: the id the gateway answered, or the client's own.
+
+    A client that chose an id (and perhaps never saw the 202) may ask by it;
+    the task id is derived from it (``ingest.scoped_id``), so both find it.
+    """
     async with pool.connection() as conn:
-        return await fetch_result(conn, task_id, tenant=tenant)
+        found = await fetch_result(conn, task_id, tenant=tenant)
+        if found is None and len(task_id) <= MAX_ID:
+            found = await fetch_result(conn, scoped_id(tenant, task_id), tenant=tenant)
+        return found
 
 
 async def wait_for_result(

@@ -408,5 +408,7 @@ async def test_round_trip_on_kafka(kafka_bootstrap: str, database_url: str) -> N
             )
             assert status == 202
             status, result = await get(base, f"/v1/tasks/{accepted['task_id']}?wait=60", auth(key))
+            # The client's own id finds it too (a client that never saw the 202).
+            assert (await get(base, "/v1/tasks/k-1", auth(key))) == (200, result)
     assert status == 200, result
     assert "25" in result["answer"]["text"] and result["trace_id"] == TRACE_ID
