@@ -97,13 +97,17 @@ def hold(settings: Settings, tenant: str, approval_id: str) -> None:
 
 
 @contextmanager
-def served(settings: Settings, transport: Transport | None = None) -> Iterator[str]:
+def served(
+    settings: Settings, transport: Transport | None = None, *, retry_for_s: float | None = None
+) -> Iterator[str]:
     """The gateway over ``settings`` (and ``transport``, or the configured one) at its URL."""
     ready = threading.Event()
     box: dict[str, Any] = {}
 
     async def main() -> None:
         gateway = Gateway(settings, transport or make_transport(settings))
+        if retry_for_s is not None:  # how long a failing publish is retried before 503
+            gateway.publisher.retry_for_s = retry_for_s
         async with listening(gateway, "127.0.0.1", 0) as server:
             box["server"], box["loop"] = server, asyncio.get_running_loop()
             ready.set()

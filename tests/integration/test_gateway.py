@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from sluicegate.settings import Settings
-from sluicegate.streams.transport import OutMessage
+from sluicegate.streams.transport import OutMessage, TransportError
 from tests.integration.gateway_support import hold, in_thread, new_key, revoke, served
 from tests.integration.pipeline_support import (
     prepare_database,
@@ -412,3 +412,20 @@ async def test_round_trip_on_kafka(kafka_bootstrap: str, database_url: str) -> N
             assert (await get(base, "/v1/tasks/k-1", auth(key))) == (200, result)
     assert status == 200, result
     assert "25" in result["answer"]["text"] and result["trace_id"] == TRACE_ID
+
+
+class RefusingTransport(HeldTransport):
+    """A broker that takes nothing."""
+
+    async def publish_batch(self, messages: Sequence[OutMessage]) -> None:
+        raise TransportError("the broker is away")
+
+
+async def test_a_broker_that_takes_nothing_answers_503(
+    gw_settings: Settings, keys: dict[str, str]
+) -> None:
+    task = {"session": "a-503", "data": {"prompt": "what is 1 + 1"}}
+    with served(gw_settings, transport=RefusingTransport(), retry_for_s=0) as base:  # type: ignore[arg-type]
+        status, problem, headers = await post(base, "/v1/tasks", task, auth(keys["acme"]))
+    assert status == 503 and "Retry-After" in headers
+    assert "the broker is away" in problem["detail"]
