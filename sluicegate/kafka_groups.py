@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +94,19 @@ async def describe_groups(
     *,
     listed_prefix: str | None = None,
     timeout: float = 10.0,
+    security: Mapping[str, Any] | None = None,
 ) -> dict[str, GroupView]:
     """Describe ``groups`` (unknown ones come back idle); raises ``TransportError``.
+
+    ``security``: aiokafka's protocol, SASL and TLS options
+    (``service_security.kafka_security_options``).
 
     With ``listed_prefix``, also every group the brokers list whose id starts
     with it (best effort: a broker that lists nothing, as Tansu does, adds none).
     """
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **(security or {})
+    )
     try:
         try:
             await asyncio.wait_for(client.bootstrap(), timeout)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from sluicegate.kafka_groups import GroupView, describe_groups
 from sluicegate.runtime import make_transport
+from sluicegate.service_security import kafka_security_options
 from sluicegate.settings import Settings
 from sluicegate.sinks.db import connect
 from sluicegate.sinks.progress import LogKind, StoredOffset, classify, step_offsets
@@ -348,7 +349,10 @@ async def _kafka_owners(
     serves = kafka_groups_of(prefix, steps)
     faust = f"{prefix}.faust."
     groups = await describe_groups(
-        settings.resolved_kafka_bootstrap(), list(serves), listed_prefix=faust
+        settings.resolved_kafka_bootstrap(),
+        list(serves),
+        listed_prefix=faust,
+        security=kafka_security_options(settings),
     )
     by_name = {s.name: s for s in steps}
     for group_id in groups:
