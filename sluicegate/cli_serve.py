@@ -33,13 +33,14 @@ from sluicegate.cli_publish import _pipeline, _topic
 def serve(
     transport: str | None, pipeline_spec: str | None, host: str | None, port: int | None
 ) -> None:
-    """Serve the HTTP API: submit tasks, read results, stream them, read a session's audit.
+    """Serve the HTTP API: submit tasks, read and stream results, audit, approvals.
 
     Callers authenticate with Authorization: Bearer KEY, a key made by
-    `sluice keys create --tenant T`; everything a key submits or reads is its
-    tenant's. Tasks go to the pipeline's upstream topic (tasks for the
-    reference pipeline), checked against its schema. The API is described at
-    /openapi.json.
+    `sluice keys create --tenant T`; everything a key submits, reads or
+    decides is its tenant's. Tasks go to the pipeline's upstream topic (tasks
+    for the reference pipeline), checked against its schema. The API is
+    described at /openapi.json; the operator page (pending approvals, a
+    session's timeline) is at /ui.
     """
     app = _pipeline(pipeline_spec)
     topic = _topic(app, None)
