@@ -20,7 +20,7 @@ from sluicegate.demo import DemoOutcome, run_demo
 from sluicegate.loading import ENV_PIPELINE
 from sluicegate.pipeline import check_step_settings
 from sluicegate.runtime import configure_telemetry
-from sluicegate.samples import DEMO
+from sluicegate.samples import DEMO, DEMO_HELD
 from sluicegate.settings import Settings
 
 
@@ -117,7 +117,7 @@ def render(console: Console, outcome: DemoOutcome, spans: Any = None) -> None:
     results.add_column("expected", no_wrap=True, overflow="ellipsis", max_width=26)
     results.add_column("status", min_width=9)
     results.add_column("answer", no_wrap=True, overflow="ellipsis", max_width=50)
-    for sample, event in zip(DEMO, outcome.published, strict=True):
+    for sample, event in zip((*DEMO, *DEMO_HELD), outcome.published, strict=True):
         result = outcome.results.get(event.id)
         status = result.status if result else "[red]missing[/red]"
         answer = _outcome_line(result.answer) if result else ""

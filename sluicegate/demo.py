@@ -26,7 +26,7 @@ import orjson
 from sluicegate import localstack
 from sluicegate.pipeline import TOPICS, build_steps, task_registry
 from sluicegate.runtime import make_transport, run_steps
-from sluicegate.samples import DEMO, MALFORMED
+from sluicegate.samples import DEMO, DEMO_HELD, MALFORMED
 from sluicegate.settings import Settings, TransportName
 from sluicegate.sinks import approvals
 from sluicegate.sinks.db import connect
@@ -105,7 +105,7 @@ async def _run(settings: Settings, *, timeout_s: float, say: Say) -> DemoOutcome
     try:
         await transport.ensure_topics(TOPICS)
         publisher = Publisher(transport, registry=task_registry(), source="sluicegate/demo")
-        events = [publisher.prepare(sample.as_json()) for sample in DEMO]
+        events = [publisher.prepare(sample.as_json()) for sample in (*DEMO, *DEMO_HELD)]
         await publisher.publish(events)
         await transport.publish(OutMessage("tasks", MALFORMED, key=b"malformed"))
         say(f"  published {len(events)} tasks and 1 malformed line on {settings.transport}")

@@ -50,6 +50,11 @@ DEMO: tuple[Sample, ...] = (
     Sample("acme", "frank", "search for murmur2 partitioning and then what is 99 / 3", "completed"),
     Sample("acme", "frank", "echo ok; run shell: reboot", "partial (one action denied)"),
     Sample("acme", "grace", "refund 40 for order A-1001", "completed (under the threshold)"),
+)
+
+# Held by the reference policy until someone approves it: the demo publishes
+# it after DEMO and approves it itself (other users of DEMO need no operator).
+DEMO_HELD: tuple[Sample, ...] = (
     Sample("acme", "grace", "refund 250 for order A-1002", "completed (held, approved by demo)"),
 )
 
