@@ -11,8 +11,11 @@ audit timeline with who made it and why.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from click.testing import CliRunner
 
 from sluicegate.cli_approvals import approvals
 from sluicegate.cli_audit import audit
+from sluicegate.faust_engine import run_faust_steps
+from sluicegate.pipeline import build_steps
 from sluicegate.settings import Settings
 from sluicegate.streams.envelope import Event
 from tests.integration.crash_support import spawn_worker
@@ -42,6 +47,24 @@ pytestmark = pytest.mark.integration
 def task(session: str, prompt: str) -> Event:
     data = {"prompt": prompt}
     return Event(source="tests", type="task.submitted", tenant="acme", session=session, data=data)
+
+
+@asynccontextmanager
+async def worker(settings: Settings, engine: str) -> AsyncIterator[None]:
+    """The reference pipeline in this process, on the native or the Faust engine."""
+    if engine == "native":
+        async with running_pipeline(settings):
+            yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_faust_steps(build_steps(), settings, stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        del task
+        gc.collect()  # free the gate's engine on this thread (see running_pipeline)
 
 
 def sluice_approvals(settings: Settings, *args: str) -> Any:
@@ -68,9 +91,12 @@ async def pending(settings: Settings, n: int, *, timeout_s: float = 60) -> list[
     raise AssertionError(f"{len(rows)} held actions after {timeout_s} s, expected {n}: {rows}")
 
 
-@pytest.mark.parametrize("kind", ["nats", "kafka"])
+@pytest.mark.parametrize(
+    ("kind", "engine"), [("nats", "native"), ("kafka", "native"), ("kafka", "faust")]
+)
 async def test_small_refund_passes_large_one_times_out(
     kind: str,
+    engine: str,
     nats_url: str,
     kafka_bootstrap: str,
     database_url: str,
@@ -87,7 +113,7 @@ async def test_small_refund_passes_large_one_times_out(
     await prepare_database(settings)
     monkeypatch.setenv("SLUICE_APPROVAL_TIMEOUT", "2")
     small, large = task("small", "refund 80 for order A-1"), task("large", "refund 250 order A-2")
-    async with running_pipeline(settings):
+    async with worker(settings, engine):
         await publish_events(settings, [small, large])
         assert await wait_for_results(settings, 2, timeout_s=60) == 2, "no results in 60 s"
     results = {r.task_id: r for r in await all_results(settings)}
