@@ -735,6 +735,8 @@ class StepRunner:
                         await self._checkpoint()
             except Exception as exc:  # the next owner fetches it again
                 log.warning("%s: final checkpoint failed: %s", self.processor.name, _one_line(exc))
+                # Not again on the revokes of close(): it would wait as long.
+                self._broken = self._broken or exc
         if unfinished:
             log.info(
                 "%s: %d keys still busy at shutdown; their inputs are fetched again",
