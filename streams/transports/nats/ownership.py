@@ -159,6 +159,11 @@ class Ownership:
         self._stop_rebalancing.set()
         self._wake.set()
         if self._rebalancer is not None:
+            if not self.bucket.nc.is_connected:
+                # NATS away: the round would only wait out its timeouts and
+                # hold up the shutdown (SLUICE_SHUTDOWN_GRACE); what it did
+                # not finish, the leases' expiry settles.
+                self._rebalancer.cancel()
             # The round in progress finishes: its on_assign/on_revoke completes.
             await asyncio.gather(self._rebalancer, return_exceptions=True)
         try:
