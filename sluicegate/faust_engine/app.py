@@ -72,15 +72,45 @@ def table_name(step: str) -> str:
     return f"{step}-state"
 
 
-def build_app(*, app_id: str, bootstrap: str, partitions: int, datadir: Path) -> faust.App:
-    """An unstarted Faust app; agents and tables are added by the engine before it starts."""
+def build_app(
+    *,
+    app_id: str,
+    bootstrap: str,
+    partitions: int,
+    datadir: Path,
+    security: Mapping[str, Any] | None = None,
+) -> faust.App:
+    """An unstarted Faust app; agents and tables are added by the engine before it starts.
+
+    ``security``: aiokafka's protocol, SASL and TLS options
+    (``service_security.kafka_security_options``), as Faust's broker credentials.
+    """
+    credentials = broker_credentials(security or {})
+    extra: dict[str, Any] = {} if credentials is None else {"broker_credentials": credentials}
     return faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
         datadir=str(datadir),
         topic_partitions=partitions,
         **FAUST_SETTINGS,
+        **extra,
     )
+
+
+def broker_credentials(security: Mapping[str, Any]) -> Any:
+    """Faust's credentials for aiokafka's security options; None for plaintext."""
+    protocol = security.get("security_protocol")
+    if protocol is None:
+        return None
+    if str(protocol).startswith("SASL_"):
+        # Faust speaks SASL_SSL when given a TLS context, SASL_PLAINTEXT without.
+        return faust.SASLCredentials(
+            username=security["sasl_plain_username"],
+            password=security["sasl_plain_password"],
+            mechanism=security["sasl_mechanism"],
+            ssl_context=security.get("ssl_context"),
+        )
+    return faust.SSLCredentials(security["ssl_context"])
 
 
 class KafkaNames:

@@ -33,6 +33,7 @@ from sluicegate.faust_engine.rebalance import RebalanceBridge
 from sluicegate.faust_engine.state import MirroredStore, SessionTable
 from sluicegate.faust_engine.transport import FaustTransport
 from sluicegate.runtime import first_error, open_store, require_migrated
+from sluicegate.service_security import kafka_security_options
 from sluicegate.settings import Settings
 from sluicegate.streams.checkpoint import CheckpointStore
 from sluicegate.streams.runner import DLQ_TOPIC, RunnerConfig, StepRunner
@@ -72,10 +73,12 @@ async def run_faust_steps(
     config = replace(config or settings.runner_config(), pipelined=False)
     names = [step.name for step in steps]
     pipeline = list(all_steps) if all_steps is not None else names
+    security = kafka_security_options(settings)
     admin = KafkaTransport(
         settings.resolved_kafka_bootstrap(),
         prefix=settings.topic_prefix,
         partitions=settings.partitions,
+        **security,
     )
     with tempfile.TemporaryDirectory(prefix="sluice-faust-") as datadir:
         app = build_app(
@@ -83,6 +86,7 @@ async def run_faust_steps(
             bootstrap=settings.resolved_kafka_bootstrap(),
             partitions=settings.partitions,
             datadir=Path(datadir),
+            security=security,
         )
         # Twice a batch: the runner always finds its next batch waiting.
         transport = FaustTransport(app, admin, queue_capacity=2 * config.batch_size)

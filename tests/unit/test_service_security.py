@@ -71,3 +71,33 @@ def test_unusable_combinations_name_the_variable(fields: dict[str, object], name
 def test_passwords_do_not_show() -> None:
     settings = Settings(nats_user="u", nats_password="hunter2", kafka_sasl_password="hunter3")
     assert "hunter" not in repr(settings)
+
+
+def test_faust_broker_credentials(tmp_path: Path) -> None:
+    import faust
+
+    from sluicegate.faust_engine.app import broker_credentials, build_app
+
+    assert broker_credentials({}) is None
+    sasl = broker_credentials(
+        kafka_security_options(
+            Settings(
+                kafka_security_protocol="SASL_PLAINTEXT",
+                kafka_sasl_mechanism="SCRAM-SHA-256",
+                kafka_sasl_username="svc",
+                kafka_sasl_password="pw",
+            )
+        )
+    )
+    assert isinstance(sasl, faust.SASLCredentials)
+    assert (sasl.username, sasl.password, sasl.protocol.value) == ("svc", "pw", "SASL_PLAINTEXT")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls = kafka_security_options(
+        Settings(kafka_security_protocol="SSL", kafka_tls_ca=tmp_path / "ca.pem")
+    )
+    assert isinstance(broker_credentials(tls), faust.SSLCredentials)
+    app = build_app(
+        app_id="t", bootstrap="127.0.0.1:1", partitions=1, datadir=tmp_path, security=tls
+    )
+    assert isinstance(app.conf.broker_credentials, faust.SSLCredentials)
