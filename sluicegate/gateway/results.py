@@ -93,14 +93,27 @@ async def start_time(pool: Pool, tenant: str, last_event_id: str | None) -> date
 async def result_events(
     pool: Pool, tenant: str, since: datetime, *, skip: str | None = None
 ) -> AsyncIterator[bytes]:
-    """Server-sent events of ``tenant``'s results stored from ``since`` on, until cancelled."""
-    sent: dict[str, datetime] = {skip: since} if skip else {}
+    """Server-sent events of ``tenant``'s results from ``since`` on, until cancelled.
+
+    Without ``skip`` (a new stream, ``since`` = now) every result already
+    visible is history, and anything that turns up later is news, even with
+    an earlier ``created_at`` (its transaction began before the stream did).
+    With ``skip`` (resuming after that result, stored at ``since``) the
+    results stored before ``since`` are taken as delivered and those from
+    ``since`` on are sent (a few may come twice: clients dedupe by id).
+    """
+    sent: dict[str, datetime] = {}
+    async for seen in _unseen(pool, tenant, since - OVERLAP, sent):
+        if skip is None or seen.created_at < since:
+            sent[seen.task_id] = seen.created_at
+    if skip:
+        sent[skip] = since
     newest = since
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     yield b"retry: 1000\n\n"
     while True:
-        async for result in _unseen(pool, tenant, max(since, newest - OVERLAP), sent):
+        async for result in _unseen(pool, tenant, newest - OVERLAP, sent):
             sent[result.task_id] = result.created_at
             newest = max(newest, result.created_at)
             quiet_since = loop.time()
