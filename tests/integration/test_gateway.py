@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from sluicegate.settings import Settings
+from sluicegate.sinks.db import connect
 from sluicegate.streams.transport import OutMessage, TransportError
 from tests.integration.gateway_support import hold, in_thread, new_key, revoke, served
 from tests.integration.pipeline_support import (
@@ -429,3 +430,36 @@ async def test_a_broker_that_takes_nothing_answers_503(
         status, problem, headers = await post(base, "/v1/tasks", task, auth(keys["acme"]))
     assert status == 503 and "Retry-After" in headers
     assert "the broker is away" in problem["detail"]
+
+
+def store_result(settings: Settings, task_id: str, tenant: str, *, age_s: float = 0.0) -> None:
+    """A results row as a worker's commit writes it, its transaction begun ``age_s`` ago."""
+
+    async def go() -> None:
+        conn = await connect(settings.resolved_database_url(), schema=settings.db_schema)
+        try:
+            await conn.execute(
+                "INSERT INTO results (task_id, tenant, session, status, answer, created_at)"
+                " VALUES (%s, %s, %s, 'completed', '{}'::jsonb, now() - make_interval(secs => %s))",
+                (task_id, tenant, f"{tenant[0]}-late", age_s),
+            )
+        finally:
+            await conn.close()
+
+    in_thread(go)
+
+
+async def test_stream_delivers_a_late_commit(
+    url: str, keys: dict[str, str], gw_settings: Settings
+) -> None:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+        http.get(f"{url}/v1/results/stream", headers=auth(keys["acme"])) as stream,
+    ):
+        assert (await stream.content.readline()).startswith(b"retry:")  # the stream has begun
+        # Committed now, but its transaction began before the stream did.
+        await asyncio.to_thread(store_result, gw_settings, "late-1", "acme", age_s=5.0)
+        await asyncio.to_thread(store_result, gw_settings, "late-g", "globex", age_s=5.0)
+        await asyncio.to_thread(store_result, gw_settings, "late-2", "acme")
+        seen = [r["task_id"] for r in await until_task(stream, "late-2")]
+    assert seen == ["late-1", "late-2"]
