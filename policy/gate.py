@@ -146,6 +146,7 @@ class PolicyGate(Hooks):
         self._monotonic = monotonic
         self._last_poll = monotonic()
         self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._last_approvals_error = -ERROR_LOG_INTERVAL_S
         self._errors_unlogged = 0
         env = os.environ if environ is None else environ
         if approval_timeout_s is None:
@@ -219,7 +220,15 @@ class PolicyGate(Hooks):
 
     async def tick(self, now: datetime, tc: TickContext) -> list[Output]:
         """Resume the held actions of idle sessions that were decided or timed out."""
-        return await holds.resume(tc, now, self._window_ms)
+        try:
+            return await holds.resume(tc, now, self._window_ms)
+        except holds.ApprovalsUnavailable as exc:
+            # One line now and then, not a traceback a second, while Postgres is away.
+            now_s = self._monotonic()
+            if now_s - self._last_approvals_error >= ERROR_LOG_INTERVAL_S:
+                self._last_approvals_error = now_s
+                log.warning("gate: cannot read approvals, held actions wait: %s", exc)
+            return []
 
     def _emit(
         self,

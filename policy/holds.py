@@ -38,11 +38,20 @@ from sluicegate.policy.schemas import (
 )
 from sluicegate.streams.approvals import APPROVAL_TIMEOUT, ApprovalOutcome
 from sluicegate.streams.envelope import Event
+from sluicegate.streams.errors import SluiceError
 from sluicegate.streams.step import Output, StateKey, TickContext
 
 log = logging.getLogger("sluicegate.policy")
 
 HELD_KEY: Final = "held"
+
+
+class ApprovalsUnavailable(SluiceError, RuntimeError):
+    """The approvals could not be read (Postgres away); retried at the next tick."""
+
+    retriable = True
+
+
 APPROVAL_KIND: Final = "approval"
 APPROVAL_GRANTED: Final = "approval_granted"
 APPROVAL_DENIED: Final = "approval_denied"
@@ -84,7 +93,10 @@ async def resume(tc: TickContext, now: datetime, window_ms: int) -> list[Output]
                 waiting[approval_id] = (key, state)
     if not waiting or tc.approvals is None:
         return []
-    outcomes = await tc.approvals.settle_approvals(tc.step, sorted(waiting), now)
+    try:
+        outcomes = await tc.approvals.settle_approvals(tc.step, sorted(waiting), now)
+    except Exception as exc:  # the store away: nothing resumes (fail closed), next tick retries
+        raise ApprovalsUnavailable(" ".join(str(exc).split()) or type(exc).__name__) from exc
     outputs = []
     for outcome in outcomes:
         key, state = waiting[outcome.id]

@@ -199,3 +199,22 @@ def test_approvals_cli_refuses_bad_input_in_one_line() -> None:
     assert missing.exit_code == 2 and "--reason" in missing.output
     empty = CliRunner().invoke(approvals, ["deny", "some-id", "--reason", "  "])
     assert empty.exit_code == 2 and "must not be empty" in empty.output
+
+
+async def test_approvals_away_resume_nothing_and_log_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Away:
+        async def settle_approvals(self, step: str, ids: object, now: datetime) -> list[object]:
+            raise OSError("connection refused\n  at somewhere")
+
+    gate = PolicyGate(approval_timeout_s=60, clock=lambda: T0)
+    state = {"held": {"a-1": {"data": {"task_id": "t"}}}}
+    for _ in range(3):
+        tc = TickContext(step="gate", states={StateKey("acme", "s"): state}, approvals=Away())  # type: ignore[arg-type]
+        assert await gate.tick(T0, tc) == []
+    assert state["held"] == {"a-1": {"data": {"task_id": "t"}}}
+    lines = [r.getMessage() for r in caplog.records if "cannot read approvals" in r.getMessage()]
+    assert lines == [
+        "gate: cannot read approvals, held actions wait: connection refused at somewhere"
+    ]
