@@ -183,3 +183,65 @@ def test_unusable_settings_name_the_variable(secure_nats: SecureNats, tmp_path: 
         nats_connect_options(Settings(nats_password="x"))
     with pytest.raises(InvalidSettingError, match="without SLUICE_NATS_TLS_CERT"):
         nats_connect_options(Settings(nats_tls_key=secure_nats.client_key))
+
+
+@pytest.fixture(scope="module")
+def kafka_requiring_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tansu with client authentication required (and no user it would accept)."""
+    from sluicegate.localstack.kafka_broker import tansu_binary
+
+    port = _free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+            "--authentication",
+        ],
+        cwd=tmp_path_factory.mktemp("tansu-auth"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Tansu with --authentication did not start") from None
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_kafka_scram_refused_in_one_line(kafka_requiring_auth: str) -> None:
+    """A broker that requires SCRAM and knows no such user: a TransportError saying so.
+
+    (Tansu creates SCRAM users only while authentication is off, on its memory
+    storage, so an accepted login cannot be shown here; compose/ has a SASL
+    listener for that.)
+    """
+    config = Settings(
+        transport="kafka",
+        kafka_bootstrap=kafka_requiring_auth,
+        topic_prefix="secure",
+        partitions=1,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="svc",
+        kafka_sasl_password="not-known",
+    )
+    transport = make_transport(config)
+    with pytest.raises(TransportError, match="SASL authentication failed") as caught:
+        await transport.connect()
+    assert "not-known" not in str(caught.value)

@@ -136,6 +136,15 @@ class KafkaTransport:
             ) from None
         except KafkaError as exc:
             raise _error(f"cannot connect to Kafka at {self.bootstrap}", exc) from exc
+        except KeyError as exc:
+            # aiokafka's SCRAM client reads the server's final message without
+            # checking for the error the server sends instead (unknown user,
+            # wrong password): it surfaces as a KeyError for 'v'.
+            raise TransportError(
+                f"cannot connect to Kafka at {self.bootstrap}: SASL authentication failed "
+                f"(the server's SCRAM answer had no {exc}: unknown user or wrong password?)",
+                retriable=False,
+            ) from exc
 
     async def close(self) -> None:
         for sub in list(self._subscriptions):
