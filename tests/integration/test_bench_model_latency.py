@@ -35,8 +35,9 @@ def check_run(obj: dict[str, Any], median_ms: float, database_url: str) -> None:
     assert obj["results_rows"] == TASKS + PRIMER_TASKS
     latency = obj["latency_ms"]
     assert latency["count"] == TASKS - obj["warmup_tasks"] == 100
-    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
-    assert latency["p999"] is None  # 100 measured tasks do not support p99.9
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["max"]
+    # 100 measured tasks put ten beyond p90, one beyond p99: p99 and p99.9 are n/a.
+    assert latency["p99"] is None and latency["p999"] is None
     model = obj["model"]
     assert model["median_ms"] == median_ms
     # Counted after the primer: one call per measured task (more only if a call was retried).

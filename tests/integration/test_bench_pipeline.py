@@ -80,8 +80,10 @@ def test_pipeline_mode_on_both_transports(
         assert obj["tasks_per_s"] > 0
         latency = obj["latency_ms"]
         assert {"p50", "p90", "p99", "p999", "max"} <= set(latency)
-        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+        assert 0 < latency["p50"] <= latency["max"]
         assert latency["count"] == TASKS - obj["warmup_tasks"]
+        # Fewer than 1,000 measured tasks cannot resolve p99 (ten samples beyond it).
+        assert latency["p99"] is None
         assert obj["offered_rate_per_s"] == 100.0
         assert obj["tasks"] == obj["published"] == obj["completed"] == TASKS
         assert obj["duplicates"] == 0
