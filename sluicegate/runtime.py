@@ -49,10 +49,7 @@ def make_transport(
         tuning: dict[str, Any] = {"max_reconnect_attempts": -1} if worker else {}
         if settings.nats_url is None:
             # The local stack: bounded retention, so .sluice stays small.
-            tuning.update(
-                max_bytes=settings.local_retention_mb * 1024 * 1024,
-                max_age=settings.local_retention_hours * 3600,
-            )
+            tuning["max_age"] = settings.local_retention_hours * 3600
         return NatsTransport(
             settings.resolved_nats_url(),
             prefix=settings.topic_prefix,

@@ -57,9 +57,10 @@ class Settings(BaseSettings):
     local_nats_port: int = Field(default=14222, ge=1, le=65535)
     local_kafka_port: int = Field(default=19092, ge=1, le=65535)
     local_postgres_port: int = Field(default=15432, ge=1, le=65535)
-    # Streams the local stack's NATS gets keep at most this much per stream
-    # (oldest dropped first): a laptop's .sluice must not grow without bound.
-    local_retention_mb: int = Field(default=256, ge=1, le=1_000_000)
+    # Streams the local stack's NATS gets keep messages this long (a laptop's
+    # .sluice must not grow without bound). By age, not size: JetStream
+    # reserves a stream's byte limit up front, and a few prefixes' worth of
+    # reservations would exhaust the store (insufficient storage resources).
     local_retention_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
     # Credentials and TLS of the services (sluicegate/service_security.py).

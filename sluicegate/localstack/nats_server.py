@@ -51,7 +51,7 @@ def start_nats(*, port: int, home: Path, timeout: float = 30.0) -> RunningServic
     # The server's default max_payload (1 MiB, headers included) is below a
     # full-size event (1 MiB body) plus its headers; allow a little more.
     # JetStream's file store is capped: a laptop's stack must not fill the
-    # disk (streams made for the local stack have their own limits too, see
+    # disk (streams made for the local stack expire by age too, see
     # runtime.make_transport; this is the backstop).
     config.write_text(
         f"max_payload: {MAX_PAYLOAD}\n"

@@ -151,7 +151,7 @@ def test_reset_wipes_the_data_and_starts_afresh(
     up = sluice("local", "up", "nats")
     assert up.returncode == 0, up.stderr
     url = exports(up.stdout)["SLUICE_NATS_URL"]
-    # A stream made for the local stack: bounded by age and size.
+    # A stream made for the local stack: bounded by age.
     made = subprocess.run(
         [sys.executable, "-c", MAKE_STREAM, url],
         env={**sluice.env, "SLUICE_NATS_URL": ""},
@@ -161,7 +161,7 @@ def test_reset_wipes_the_data_and_starts_afresh(
         check=False,
     )
     assert made.returncode == 0, made.stderr
-    assert made.stdout.split() == [str(256 * 1024 * 1024), "86400.0"]
+    assert made.stdout.split() == ["-1", "86400.0"]  # by age; no byte reservation
     assert "max_file_store" in (home / "nats.conf").read_text()
 
     refused = sluice("local", "reset", "nats")  # no terminal, no --yes
