@@ -1415,19 +1415,30 @@ class StepRunner:
             self.stats.tick_errors += 1
             return
         batch = self._pending.batch
-        for key in tc.touched:
-            if key in self._keys:
-                continue  # an event of this key was admitted while the tick ran
+        # A key whose state moved on while the tick awaited (an event of it
+        # admitted or processed, the key revoked, a reset reloading it): the
+        # tick's change to the old state is not kept, so nothing else it did
+        # for that key is either (no audit row or output without its state);
+        # a later tick, here or at the key's new owner, does it again with
+        # the same ids.
+        gone = {
+            key for key in tc.touched if key in self._keys or self._states.get(key) != idle[key]
+        }
+        for key in tc.touched - gone:
             after = orjson.dumps(tc.state_of(key), option=orjson.OPT_SORT_KEYS)
             if after != self._states.get(key):
                 self._states[key] = after
                 batch.states[(self._state_partition[key], key)] = after
-        batch.results.extend(tc.results)
+        batch.results.extend(r for r in tc.results if StateKey(r.tenant, r.session) not in gone)
         for row in tc.audit:
-            batch.audit.append(
-                (self._state_partition.get(StateKey(row.tenant, row.session), 0), row)
-            )
-        self._pending.produce.extend(wire)
+            key = StateKey(row.tenant, row.session)
+            if key not in gone:
+                batch.audit.append((self._state_partition.get(key, 0), row))
+        self._pending.produce.extend(
+            message
+            for out, message in zip(outputs, wire, strict=True)
+            if StateKey(out.event.tenant, out.event.session) not in gone
+        )
         if commit:
             async with self._commit_lock:
                 await self._checkpoint()
