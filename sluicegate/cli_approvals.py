@@ -56,9 +56,13 @@ def list_command(tenant: str | None, show_all: bool, limit: int, as_json: bool) 
         return await table.list_approvals(conn, status=status, tenant=tenant, limit=limit)
 
     rows = _run(fetch)
+    now = datetime.now(UTC)
     if as_json:
         for row in rows:
-            click.echo(orjson.dumps(row.as_json()).decode())
+            doc = row.as_json()
+            # Past its deadline but not yet timed out (no worker has ticked on it since).
+            doc["expired"] = row.status == PENDING and row.deadline <= now
+            click.echo(orjson.dumps(doc).decode())
         return
     if not rows:
         click.echo("no held actions" if not show_all else "no approvals", err=True)
@@ -72,6 +76,8 @@ def list_command(tenant: str | None, show_all: bool, limit: int, as_json: bool) 
         )
         if row.status != PENDING:
             line += f"  by={row.decided_by}: {row.decided_reason}"
+        elif row.deadline <= now:
+            line += "  (past its deadline: denied at the next tick, or if decided now)"
         click.echo(line)
 
 
