@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport
 from sluicegate.settings import Settings
 from sluicegate.streams.codec import encode, headers_for
@@ -46,7 +47,8 @@ TASKS = 4000
 RATE = 100  # tasks per second: publishing lasts 40 s, through both rebalances
 # The bridge's log line after each assignment.
 ASSIGNED = re.compile(r"assigned (\d+) input partitions, resuming at Postgres's offsets")
-INPUTS = 7  # input topics of the reference pipeline (the responder reads two)
+# Input topics of the reference pipeline (the responder reads three).
+INPUTS = sum(len(step.inputs) for step in build_steps())
 
 
 def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
