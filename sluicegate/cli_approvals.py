@@ -11,7 +11,6 @@ Who decides is ``--as NAME``, else the OS user at this host. Exit codes:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -19,13 +18,12 @@ from typing import Any, TypeVar
 import click
 import orjson
 import psycopg
-from psycopg import errors
 
 from sluicegate.cli import load_settings
-from sluicegate.cli_db import _redacted
+from sluicegate.cli_db import run_on_database
 from sluicegate.dlq import operator
 from sluicegate.sinks import approvals as table
-from sluicegate.sinks.db import check_schema, connect
+from sluicegate.sinks.db import check_schema
 from sluicegate.streams.approvals import PENDING, ApprovalError
 
 T = TypeVar("T")
@@ -126,25 +124,10 @@ def _run(work: Callable[[Conn], Awaitable[T]]) -> T:
     """Run ``work`` on a connection to the configured schema, with errors as one line."""
     settings = load_settings()
     check_schema(settings.db_schema)
-    url = settings.resolved_database_url()
-
-    async def main() -> T:
-        try:
-            conn = await connect(url, schema=settings.db_schema)
-        except psycopg.OperationalError as exc:
-            raise click.ClickException(
-                f"cannot reach Postgres at {_redacted(url)}: {exc}"
-            ) from None
-        async with conn:
-            return await work(conn)
-
-    try:
-        return asyncio.run(main())
-    except ApprovalError as exc:
-        raise click.ClickException(str(exc)) from None
-    except errors.UndefinedTable:
-        raise click.ClickException(
-            f"schema {settings.db_schema} has no approvals table; run `sluice db migrate` first"
-        ) from None
-    except psycopg.Error as exc:
-        raise click.ClickException(f"approvals query failed: {exc}") from None
+    return run_on_database(
+        settings,
+        work,
+        tables="approvals table",
+        what="approvals query",
+        refusals=(ApprovalError,),
+    )

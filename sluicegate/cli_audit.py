@@ -9,7 +9,6 @@ Thin: the chain rules live in ``sinks.audit``, the queries in
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 import time
@@ -22,13 +21,12 @@ from typing import Any, TypeVar
 import click
 import orjson
 import psycopg
-from psycopg import errors
 
 from sluicegate.cli import load_settings
-from sluicegate.cli_db import _redacted
+from sluicegate.cli_db import run_on_database
 from sluicegate.sinks import queries, seals
 from sluicegate.sinks.audit import ChainBreak
-from sluicegate.sinks.db import check_schema, connect
+from sluicegate.sinks.db import check_schema
 from sluicegate.sinks.queries import AUDIT_KINDS, AuditRow, VerifyReport
 
 T = TypeVar("T")
@@ -373,26 +371,7 @@ def _run(schema: str | None, work: Callable[[Conn], Awaitable[T]]) -> T:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--schema") from None
     settings = load_settings(db_schema=schema)
-    url = settings.resolved_database_url()
-
-    async def main() -> T:
-        try:
-            conn = await connect(url, schema=settings.db_schema)
-        except psycopg.OperationalError as exc:
-            raise click.ClickException(
-                f"cannot reach Postgres at {_redacted(url)}: {exc}"
-            ) from None
-        async with conn:
-            return await work(conn)
-
-    try:
-        return asyncio.run(main())
-    except errors.UndefinedTable:
-        raise click.ClickException(
-            f"schema {settings.db_schema} has no audit tables; run `sluice db migrate` first"
-        ) from None
-    except psycopg.Error as exc:
-        raise click.ClickException(f"audit query failed: {exc}") from None
+    return run_on_database(settings, work, tables="audit tables", what="audit query")
 
 
 # `keygen`, `seal` and `export` live in their own modules; they belong to this group.

@@ -7,12 +7,16 @@ Thin: the work is in ``sinks.migrate``; this module loads settings
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 import psycopg
+from psycopg import errors
 
 from sluicegate.cli import load_settings
-from sluicegate.sinks.db import check_schema
+from sluicegate.settings import Settings
+from sluicegate.sinks.db import check_schema, connect
 from sluicegate.sinks.migrate import MigrationError, migrate
 
 
@@ -55,6 +59,49 @@ def migrate_command(schema: str | None) -> None:
         return
     for version in applied:
         click.echo(f"schema {settings.db_schema}: applied {version}")
+
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+
+def run_on_database(
+    settings: Settings,
+    work: Callable[[Conn], Awaitable[T]],
+    *,
+    tables: str,
+    what: str,
+    refusals: tuple[type[Exception], ...] = (),
+) -> T:
+    """Run ``work`` on a connection to ``settings``' schema, every failure as one line.
+
+    The commands that read or write the database (audit, approvals) share it:
+    unreachable Postgres, a schema without ``tables`` (not migrated), a failed
+    query (``what`` failed), and the command's own ``refusals`` (their message
+    as it is) each become a ``ClickException``.
+    """
+    url = settings.resolved_database_url()
+
+    async def main() -> T:
+        try:
+            conn = await connect(url, schema=settings.db_schema)
+        except psycopg.OperationalError as exc:
+            raise click.ClickException(
+                f"cannot reach Postgres at {_redacted(url)}: {exc}"
+            ) from None
+        async with conn:
+            return await work(conn)
+
+    try:
+        return asyncio.run(main())
+    except refusals as exc:
+        raise click.ClickException(str(exc)) from None
+    except errors.UndefinedTable:
+        raise click.ClickException(
+            f"schema {settings.db_schema} has no {tables}; run `sluice db migrate` first"
+        ) from None
+    except psycopg.Error as exc:
+        raise click.ClickException(f"{what} failed: {exc}") from None
 
 
 def _redacted(url: str) -> str:
