@@ -9,7 +9,7 @@ saying so.
 
 Token usage. A planner that asks a model (:class:`OpenAIPlanner`, or any
 planner with a ``plan_and_report`` method) reports what the call cost, and
-the step records it three ways:
+the step records it four ways:
 
 - in the audit detail of the input: ``detail["model"] = {"model",
   "prompt_tokens", "completion_tokens", "total_tokens", "attempts",
@@ -25,24 +25,32 @@ the step records it three ways:
   row of state;
 - in the metrics ``sluice.model.tokens``, ``sluice.model.call.duration`` and
   ``sluice.model.retries`` (:mod:`agents.model_metrics`, recorded by the
-  model client).
+  model client);
+- on each ``action.proposed`` of the plan, as ``usage = {"total_tokens",
+  "session_total_tokens"}``: the call's total and the session's running total
+  after it (``state["tokens"]["total"]``), so the policy gate can budget
+  tokens. Absent when the call reported no usage, and for the rule-based
+  planner.
 
 The rule-based planner asks no model and reports nothing.
 
-Budgeting on it. The planner step itself is where a per-session token budget
-can be enforced today: it owns ``state["tokens"]`` and can fail a plan closed
-(``plan_failed("token budget spent")``) before asking the model. The policy
-gate cannot read another step's state, so for Rego to decide on tokens the
-usage must travel on ``action.proposed``. It does not yet: both sides'
-schemas forbid unknown fields (``ActionProposed`` here, ``ProposedAction`` in
-``policy``), so adding a ``usage`` field in one release would dead-letter
-every action at a gate of the previous release during a rolling upgrade. The
-safe path is two releases: first the gate accepts an optional ``usage``
-(``{"total_tokens", "session_total_tokens"}``, the session's running total
-from ``state["tokens"]`` after this call) and passes it into the policy
-input; then the planner sends it, and a rule such as ``deny if
-input.usage.session_total_tokens > data.tenants[input.tenant].token_budget``
-budgets without the gate keeping any state of its own.
+Budgeting on it. The gate passes ``usage`` into the policy input, and the
+reference bundle denies an action (``token_budget_exceeded``) when
+``input.usage.session_total_tokens`` exceeds the tenant's ``token_budget``
+(bundle data; a tenant without one is unlimited). The gate keeps no token
+state of its own. As with the spend budget (:mod:`policy.ledger`), the budget
+is set per tenant and applied per session: keyed state is per (tenant,
+session), and a total shared by all of a tenant's sessions would need state
+keyed by tenant (a step partitioned by tenant, one hot partition per large
+tenant) or a counter outside the stream with its own story on replay; neither
+exists. The plan whose call passes the budget is itself denied (its tokens
+are spent already; what is refused is acting on them), and so is every
+later plan of the session.
+
+Rolling upgrade: gates before planners. A gate older than ``usage`` forbids
+unknown fields and would dead-letter every action of a planner that sends
+it. The key is left out (not null) when there is no usage, so actions of the
+rule-based planner stay valid for old gates.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from sluicegate.agents.schemas import (
     ContextPacked,
     HistoryTurn,
     TaskAccepted,
+    TokenUsage,
     ToolCall,
 )
 from sluicegate.streams.envelope import Event
@@ -183,11 +192,18 @@ class PlannerStep(Step[ContextPacked]):
         task = packed.task
         outcome = await self._plan(packed)
         calls = outcome.calls
+        usage: TokenUsage | None = None
         if outcome.report is not None:
             # Tokens are spent whether or not the plan was usable: count them all.
             ctx.detail["model"] = outcome.report.as_detail()
             if outcome.report.usage is not None:
-                add_usage(ctx.state, outcome.report)
+                totals = add_usage(ctx.state, outcome.report)
+                usage = TokenUsage(
+                    total_tokens=outcome.report.usage.total_tokens,
+                    session_total_tokens=totals["total"],
+                )
+        # No usage: no key at all, so the event stays valid for older gates.
+        exclude = {"usage"} if usage is None else None
         outputs = []
         for index, call in enumerate(calls):
             action = ActionProposed(
@@ -198,8 +214,8 @@ class PlannerStep(Step[ContextPacked]):
                 tool=call.tool,
                 args=call.args,
                 task_time=task.submitted_at,
+                usage=usage,
             )
-            outputs.append(
-                ctx.output(topics.ACTIONS_PROPOSED, ACTION_PROPOSED, action.model_dump(mode="json"))
-            )
+            data = action.model_dump(mode="json", exclude=exclude)
+            outputs.append(ctx.output(topics.ACTIONS_PROPOSED, ACTION_PROPOSED, data))
         return outputs

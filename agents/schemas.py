@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from sluicegate.streams.codec import DataRegistry
 
@@ -49,6 +49,8 @@ AgentName = Annotated[
 ]
 ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")]
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# A token count: a JSON integer, never a float, a string or a bool.
+Tokens = Annotated[StrictInt, Field(ge=0)]
 
 Status = Literal["completed", "partial", "denied", "failed", "timeout"]
 OutcomeStatus = Literal["ok", "error", "denied", "missing"]
@@ -146,6 +148,29 @@ class _ActionFields(BaseModel):
         return self
 
 
+class TokenUsage(_Own):
+    """The model tokens behind a plan, as the planner step counted them.
+
+    ``total_tokens``: what the model call that made this plan cost (as its
+    endpoint reported); ``session_total_tokens``: the session's running total
+    after that call (``state["tokens"]["total"]`` of the planner, see
+    :mod:`agents.planner`), so at least ``total_tokens``. Keyed state is per
+    (tenant, session): this is a session's total, not the tenant's.
+    """
+
+    total_tokens: Tokens
+    session_total_tokens: Tokens
+
+    @model_validator(mode="after")
+    def _session_holds_the_call(self) -> TokenUsage:
+        if self.session_total_tokens < self.total_tokens:
+            raise ValueError(
+                f"session_total_tokens {self.session_total_tokens} is less than the "
+                f"call's total_tokens {self.total_tokens}"
+            )
+        return self
+
+
 class ActionProposed(_ActionFields):
     """One planned tool call, on ``actions.proposed``; the policy gate decides on it."""
 
@@ -155,6 +180,12 @@ class ActionProposed(_ActionFields):
     # The task's submission time (see TaskAccepted.submitted_at); optional so
     # a gate that rebuilds the event without it still produces valid data.
     task_time: datetime | None = None
+    # Set by the planner when its model call reported usage, for policies
+    # that budget tokens; absent for the rule-based planner. The planner
+    # leaves the key out (not null) when there is none, so its events stay
+    # valid for gates older than this field (which forbid unknown fields).
+    # Rolling upgrade: gates before planners.
+    usage: TokenUsage | None = None
 
     @field_validator("args")
     @classmethod

@@ -34,6 +34,7 @@ from sluicegate.policy.decision import (
 )
 from sluicegate.policy.engine import UNDEFINED, Compiler, PolicyEngine, compile_bundle
 from sluicegate.policy.features import InputBuilder, InputTooComplex
+from sluicegate.policy.schemas import TokenUsage
 
 DEFAULT_BUDGET_S: Final = 0.050
 # Wall-clock ceiling, as a multiple of the (CPU time) budget.
@@ -51,6 +52,8 @@ class Request:
     args: Mapping[str, Any]
     spend: int | float
     calls_in_window: int
+    # The model tokens behind the plan (``action.proposed`` ``usage``), or None.
+    usage: TokenUsage | None = None
 
 
 class Verdict(NamedTuple):
@@ -129,6 +132,7 @@ class LoadedPolicy:
             args=request.args,
             spend=request.spend,
             calls_in_window=request.calls_in_window,
+            usage=None if request.usage is None else request.usage.model_dump(),
         )
 
     def decide(self, request: Request) -> Verdict:

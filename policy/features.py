@@ -15,6 +15,15 @@ The policy reads facts, not raw text, where Rego would be slow or error-prone:
 - ``args_kib``: the size of ``args`` as compact JSON, in KiB rounded up. Whole
   KiB because a limit in KiB is then exact while decisions are reused across
   argument sizes (exact byte counts made most cache keys unique).
+- ``usage``: the model tokens behind the plan, as the planner sent them on
+  ``action.proposed`` (``{"total_tokens", "session_total_tokens"}``), or null
+  for an action planned without a model. ``session_total_tokens`` is the
+  session's running total in the planner's keyed state, which is per
+  (tenant, session) like the gate's own: a token budget is set per tenant
+  and applied per session (see :mod:`policy.ledger` for why no tenant-wide
+  total). Each session total is a new input, so a model-planned action is
+  seldom a cache hit while ``usage`` is declared; rule-planned ones (null)
+  still are.
 
 The bundle may declare which input fields its policy reads
 (``data.gate.input``); the gate then passes only those. That matters because
@@ -49,6 +58,7 @@ INPUT_FIELDS: Final = (
     "pii",
     "spend",
     "calls_in_window",
+    "usage",
 )
 CHECKSUMS: Final = frozenset({"luhn"})
 # Characters on which URL parsers disagree (see url_host).
@@ -162,7 +172,7 @@ class InputBuilder:
         # The always-computed (cheap) fields the policy did not declare.
         self._drop = tuple(
             f
-            for f in ("tenant", "agent", "tool", "args_kib", "spend", "calls_in_window")
+            for f in ("tenant", "agent", "tool", "args_kib", "spend", "calls_in_window", "usage")
             if f not in self.fields
         )
 
@@ -175,6 +185,7 @@ class InputBuilder:
         args: Mapping[str, Any],
         spend: int | float,
         calls_in_window: int,
+        usage: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """The policy input for one action, with only the declared fields."""
         document: dict[str, Any] = {
@@ -184,6 +195,7 @@ class InputBuilder:
             "args_kib": -(-len(orjson.dumps(args)) // 1024),
             "spend": spend,
             "calls_in_window": calls_in_window,
+            "usage": None if usage is None else dict(usage),
         }
         if self._want_args:
             document["args"] = args

@@ -7,6 +7,16 @@ or ``action.denied``, and records one ``decision`` audit row. It never
 raises for a policy problem: see :mod:`policy.evaluator` for how every
 failure becomes a ``policy_error`` deny.
 
+Token budgets: the planner puts the model tokens behind a plan on each
+``action.proposed`` (``usage``: the call's ``total_tokens`` and the
+session's ``session_total_tokens``, from the planner's keyed state); the
+gate passes them into the policy input as they are and keeps no token state
+of its own, and the reference bundle denies with ``token_budget_exceeded``
+past the tenant's ``token_budget``. Like the spend budget, that budget is
+set per tenant and applied per session (state is keyed per (tenant,
+session), see :mod:`policy.ledger`). Upgrade gates before planners: an older
+gate's schema refuses ``usage`` and dead-letters the action.
+
 A ``hold`` goes to ``actions.held`` and waits, durably, for a person or its
 deadline (``SLUICE_APPROVAL_TIMEOUT`` seconds): see :mod:`policy.holds`,
 which the gate's ``tick`` runs to resume decided actions.
@@ -208,6 +218,7 @@ class PolicyGate(Hooks):
             args=action.args,
             spend=book.spend,
             calls_in_window=calls,
+            usage=action.usage,
         )
         verdict = policy.decide(request)
         shadow = self.shadow_policy
@@ -252,6 +263,8 @@ class PolicyGate(Hooks):
                 # masked (the decision log export, `sluice audit export`, reads it).
                 "agent": event.data.get("agent"),
                 "args": verdict.args,
+                # The tokens a token budget was judged on, when the planner sent them.
+                **({"usage": event.data["usage"]} if event.data.get("usage") else {}),
             },
         )
         # The proposal as it came (validated), with the decision's fields.

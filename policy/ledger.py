@@ -8,7 +8,10 @@ all of a tenant's sessions needs state keyed by tenant, which this runtime
 does not have: it would take a step partitioned by tenant (the gate's
 actions re-keyed by tenant, at the price of one hot partition per large
 tenant) or a counter outside the stream (Postgres), with its own
-consistency story on replay. Neither is done here.
+consistency story on replay. Neither is done here. The token budget
+(``token_budget``, limits.rego) has the same shape for the same reason: its
+total is the planner's keyed state, per (tenant, session), which arrives on
+each action as ``usage.session_total_tokens``; the gate keeps no tokens.
 
 The rate window uses event times, not the wall clock, so a replay of the
 same events gives the same decisions. Only allowed and redacted actions are

@@ -19,7 +19,12 @@ each line must match one shape completely, and the output says which:
     The policy input document itself, as the gate builds it: every one of
     ``tenant, agent, tool, args, args_kib, url_host, pii, spend,
     calls_in_window``, with ``pii`` a list of
-    ``{"kind", "path", "match"[, "digits", "luhn"]}``. Evaluated as given.
+    ``{"kind", "path", "match"[, "digits", "luhn"]}``; ``usage`` (``{"total_tokens",
+    "session_total_tokens"}`` or null) may be there too, else it is null.
+    Evaluated as given.
+
+An action (or an event's data) may carry ``usage`` as the planner sends it;
+it goes into the policy input like the gate's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sluicegate.policy.schemas import ACTION_PROPOSED, AgentName, ToolName
+from sluicegate.policy.schemas import ACTION_PROPOSED, AgentName, TokenUsage, ToolName
 from sluicegate.streams.errors import SluiceError
 
 Shape = Literal["action", "event", "input"]
@@ -60,6 +65,8 @@ class Action(BaseModel):
     action_index: int | None = None
     action_count: int | None = None
     task_time: str | None = None
+    # The model tokens behind the plan: decided on, like the gate does.
+    usage: TokenUsage | None = None
 
 
 class PiiFinding(BaseModel):
@@ -84,6 +91,7 @@ class PolicyInput(BaseModel):
     pii: list[PiiFinding]
     spend: int | float = Field(ge=0)
     calls_in_window: int = Field(ge=0)
+    usage: TokenUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,7 @@ def _check_sample(policy: LoadedPolicy, report: Report) -> None:
         "pii": [],
         "spend": 0,
         "calls_in_window": 0,
+        "usage": None,
     }
     document = {name: sample[name] for name in policy.inputs.fields}
     decision = policy.evaluate_input(document)

@@ -6,6 +6,13 @@ and limits as ``agents.schemas.ActionProposed``; what it emits
 (``action.allowed`` / ``action.denied``) is that data plus the decision
 fields, which ``agents.schemas.ActionAllowed`` / ``ActionDenied`` accept.
 The topic and type names are the contract between the two packages.
+
+``usage`` (the model tokens behind the plan, :class:`TokenUsage`) is optional
+and passed into the policy input as it is, so a policy can budget tokens
+(``limits.rego``). Rolling upgrades must upgrade gates before planners: a
+gate older than this field forbids it and dead-letters every action of a
+planner that sends it. The planner omits the key when it has no usage, so
+its actions from the rule-based planner stay valid for old gates.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 ACTIONS_PROPOSED: Final = "actions.proposed"
 ACTIONS_ALLOWED: Final = "actions.allowed"
@@ -33,6 +40,31 @@ AgentName = Annotated[
     str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ]
 ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")]
+Tokens = Annotated[StrictInt, Field(ge=0)]
+
+
+class TokenUsage(BaseModel):
+    """``action.proposed`` ``usage``: the plan's model call, and the session's total after it.
+
+    The session's total is the planner's keyed state, which is per (tenant,
+    session): a per-session figure, never a tenant-wide one. Declared again
+    here, like :class:`ProposedAction`, because ``policy`` may not import
+    ``agents``; tests/unit/test_schema_contract.py holds the two together.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    total_tokens: Tokens
+    session_total_tokens: Tokens
+
+    @model_validator(mode="after")
+    def _session_holds_the_call(self) -> TokenUsage:
+        if self.session_total_tokens < self.total_tokens:
+            raise ValueError(
+                f"session_total_tokens {self.session_total_tokens} is less than the "
+                f"call's total_tokens {self.total_tokens}"
+            )
+        return self
 
 
 class ProposedAction(BaseModel):
@@ -47,6 +79,7 @@ class ProposedAction(BaseModel):
     tool: ToolName
     args: dict[str, Any] = Field(default_factory=dict)
     task_time: datetime | None = None
+    usage: TokenUsage | None = None
 
     @field_validator("args")
     @classmethod

@@ -31,9 +31,14 @@ def proposed_event(
     agent: str = "assistant",
     at: float = 0.0,
     id: str | None = None,
+    usage: Mapping[str, Any] | None = None,
 ) -> Event:
-    """An ``action.proposed`` event ``at`` seconds after :data:`EPOCH`."""
-    data = {
+    """An ``action.proposed`` event ``at`` seconds after :data:`EPOCH`.
+
+    ``usage`` (``{"total_tokens", "session_total_tokens"}``) is put on the
+    data as the planner would; without it the data has no ``usage`` key.
+    """
+    data: dict[str, Any] = {
         "task_id": "task-1",
         "agent": agent,
         "action_index": 0,
@@ -41,6 +46,8 @@ def proposed_event(
         "tool": tool,
         "args": dict(args or {}),
     }
+    if usage is not None:
+        data["usage"] = dict(usage)
     event = Event(
         source="tests",
         type=ACTION_PROPOSED,

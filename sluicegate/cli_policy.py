@@ -102,7 +102,8 @@ def test_command(
             a proposed tool call (action.proposed data; task_id and the
             other data fields may be there too). --tenant, --spend and
             --calls fill in the rest, as the gate would; the output shows
-            the arguments after redaction.
+            the arguments after redaction. A "usage" of the action
+            ({"total_tokens", "session_total_tokens"}) is decided on too.
     event   {"type": "action.proposed", "tenant": "acme", "data": {action}}
     input   the policy input document as the gate builds it, with all of
             tenant, agent, tool, args, args_kib, url_host, pii (a list of
@@ -156,6 +157,7 @@ def _decide_line(
             args=action.args,
             spend=spend,
             calls_in_window=calls,
+            usage=action.usage,
         )
     )
     return _row(verdict.decision, args=verdict.args, shape=line.shape)

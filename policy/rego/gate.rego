@@ -29,6 +29,8 @@
 #   pii                              PII candidates found in args (see pii.rego)
 #   spend                            spent so far in this session (gate state)
 #   calls_in_window                  allowed calls in the sliding rate window (gate state)
+#   usage                            model tokens behind the plan, from the planner:
+#                                    {"total_tokens", "session_total_tokens"} or null
 #
 # Style: every deny reason is the negation of a positive check (`not x_ok`).
 # The RVM turns runtime errors (bad types, missing data) into "undefined", and
@@ -47,6 +49,8 @@ reasons contains "host_not_allowed" if not host_ok
 reasons contains "args_too_large" if not size_ok
 
 reasons contains "budget_exceeded" if not budget_ok
+
+reasons contains "token_budget_exceeded" if not tokens_ok
 
 reasons contains "rate_limited" if not rate_ok
 

@@ -15,6 +15,7 @@ base := {
 	"pii": [],
 	"spend": 0,
 	"calls_in_window": 0,
+	"usage": null,
 }
 
 with_fields(patch) := object.union(base, patch)
@@ -66,6 +67,44 @@ test_budget if {
 	last.decision == "allow"
 	over := gate.decision with input as with_fields({"spend": 100})
 	over.reasons == ["budget_exceeded"]
+}
+
+usage(session_total) := {"total_tokens": 100, "session_total_tokens": session_total}
+
+# globex: token_budget 20000 per session.
+test_token_budget if {
+	last := gate.decision with input as with_fields({"tenant": "globex", "usage": usage(20000)})
+	last.decision == "allow"
+	over := gate.decision with input as with_fields({"tenant": "globex", "usage": usage(20001)})
+	over.decision == "deny"
+	over.reasons == ["token_budget_exceeded"]
+}
+
+test_no_token_budget_is_unlimited if {
+	d := gate.decision with input as with_fields({"usage": usage(1000000000)})
+	d.decision == "allow"
+	unknown := gate.decision with input as with_fields({"tenant": "nobody", "usage": usage(1000000000)})
+	unknown.decision == "allow"
+}
+
+test_no_usage_spends_no_tokens if {
+	d := gate.decision with input as with_fields({"tenant": "globex", "usage": null})
+	d.decision == "allow"
+}
+
+test_token_budget_fails_closed if {
+	# usage not passed at all (a bundle that does not declare it), or a budget
+	# that is not a number: denied, never let through.
+	missing := gate.decision with input as object.remove(with_fields({"tenant": "globex"}), ["usage"])
+	missing.reasons == ["token_budget_exceeded"]
+	bad := gate.decision with input as with_fields({"tenant": "globex", "usage": usage(1)})
+		with data.gate.tenants.globex.token_budget as "lots"
+	bad.reasons == ["token_budget_exceeded"]
+}
+
+test_token_budget_with_other_reasons if {
+	d := gate.decision with input as with_fields({"tenant": "globex", "spend": 20, "usage": usage(20001)})
+	d.reasons == ["budget_exceeded", "token_budget_exceeded"]
 }
 
 test_rate if {

@@ -21,7 +21,7 @@ from sluicegate.policy.engine import UNDEFINED, InterpreterEngine, PolicyCompile
 from sluicegate.policy.evaluator import LoadedPolicy, Request
 from sluicegate.policy.features import InputBuilder, InputTooComplex, luhn_ok, url_host
 from sluicegate.policy.lint import check, run_tests
-from sluicegate.policy.schemas import ProposedAction
+from sluicegate.policy.schemas import ProposedAction, TokenUsage
 from sluicegate.policy.testing import copy_reference_bundle, write_bundle
 
 ALLOW = (
@@ -103,7 +103,12 @@ def reference_requests() -> list[Request]:
         ("globex", "assistant", "echo", {"text": "555-123-4567 4111111111111111"}, 19, 9),
         ("nobody", "assistant", "search", {"query": "x" * 5000}, 0, 0),
     ]
-    return [Request(t, a, tool, args, s, c) for t, a, tool, args, s, c in cases]
+    requests = [Request(t, a, tool, args, s, c) for t, a, tool, args, s, c in cases]
+    # Token budget (globex: 20000 per session; acme: none).
+    for tenant, total in (("globex", 20000), ("globex", 20001), ("acme", 10**9)):
+        tokens = TokenUsage(total_tokens=10, session_total_tokens=total)
+        requests.append(Request(tenant, "assistant", "echo", {}, 0, 0, tokens))
+    return requests
 
 
 def test_rvm_and_interpreter_agree_on_the_reference_policies() -> None:
@@ -372,6 +377,20 @@ def test_cli_check_broken(tmp_path: Path) -> None:
     assert "does not compile" in result.output
 
 
+# A `sluice policy test` line of the input shape: a policy input document.
+INPUT_LINE: dict[str, Any] = {
+    "tenant": "acme",
+    "agent": "a",
+    "tool": "echo",
+    "args": {},
+    "args_kib": 1,
+    "url_host": None,
+    "pii": [],
+    "spend": 0,
+    "calls_in_window": 0,
+}
+
+
 def test_cli_test_json(tmp_path: Path) -> None:
     lines = [
         {
@@ -381,17 +400,7 @@ def test_cli_test_json(tmp_path: Path) -> None:
             "tool": "echo",
             "args": {"to": "a@b.io"},
         },
-        {
-            "tenant": "acme",
-            "agent": "a",
-            "tool": "shell",
-            "args": {},
-            "args_kib": 1,
-            "url_host": None,
-            "pii": [],
-            "spend": 0,
-            "calls_in_window": 0,
-        },
+        {**INPUT_LINE, "tool": "shell"},
         {
             "type": "action.proposed",
             "tenant": "globex",
@@ -419,6 +428,25 @@ def test_cli_test_json(tmp_path: Path) -> None:
     assert {r["policy_version"] for r in rows} == {load_bundle(bundle).version}
 
 
+def test_cli_test_decides_on_usage(tmp_path: Path) -> None:
+    usage = {"total_tokens": 10, "session_total_tokens": 20001}
+    action = {"tool": "echo", "args": {}, "usage": usage}
+    lines = [
+        action,
+        {"type": "action.proposed", "tenant": "globex", "data": action},
+        {**INPUT_LINE, "tenant": "globex", "usage": usage},
+        {"tool": "echo", "args": {}, "usage": {"total_tokens": 10}},
+    ]
+    file = tmp_path / "in.jsonl"
+    file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = CliRunner().invoke(policy_cli, ["test", "--input", str(file), "--tenant", "globex"])
+    assert result.exit_code == 1
+    rows = [line.split()[:3] for line in result.stdout.splitlines() if line[:1] != "#"]
+    denied = ["deny", "token_budget_exceeded"]
+    assert rows == [["action", *denied], ["event", *denied], ["input", *denied]]
+    assert "line 4: error: action: lacks usage.session_total_tokens" in result.output
+
+
 def test_cli_test_text_and_bad_lines(tmp_path: Path) -> None:
     file = tmp_path / "in.jsonl"
     file.write_text('{"tool": "echo", "args": {}}\nnot json\n[1]\n')
@@ -437,17 +465,7 @@ def test_cli_test_text_and_bad_lines(tmp_path: Path) -> None:
             "policy input: lacks args_kib, url_host, pii, spend, calls_in_window",
         ),
         (
-            {
-                "tenant": "acme",
-                "agent": "a",
-                "tool": "echo",
-                "args": {},
-                "args_kib": 1,
-                "url_host": None,
-                "pii": [{"type": "email"}],
-                "spend": 0,
-                "calls_in_window": 0,
-            },
+            {**INPUT_LINE, "pii": [{"type": "email"}]},
             "policy input: lacks pii.0.kind, pii.0.path, pii.0.match; has unknown pii.0.type",
         ),
         ({"agent": "a", "args": {}}, "matches no shape"),

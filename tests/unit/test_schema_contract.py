@@ -18,15 +18,21 @@ from sluicegate.agents.schemas import (
     ContextPacked,
     TaskAccepted,
 )
+from sluicegate.agents.schemas import TokenUsage as AgentsTokenUsage
 from sluicegate.agents.testing import context_for, make_event
 from sluicegate.policy.gate import PolicyGate
 from sluicegate.policy.schemas import ProposedAction
+from sluicegate.policy.schemas import TokenUsage as GateTokenUsage
 
 
 def test_the_gate_reads_every_field_the_planner_writes() -> None:
     assert set(ActionProposed.model_fields) == set(ProposedAction.model_fields)
     for name, field in ActionProposed.model_fields.items():
         assert field.is_required() == ProposedAction.model_fields[name].is_required(), name
+    # And inside usage (the token budget's input).
+    assert set(AgentsTokenUsage.model_fields) == set(GateTokenUsage.model_fields)
+    for name, field in AgentsTokenUsage.model_fields.items():
+        assert field.is_required() == GateTokenUsage.model_fields[name].is_required(), name
 
 
 @pytest.mark.parametrize(
