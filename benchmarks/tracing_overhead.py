@@ -16,14 +16,24 @@ Modes:
 
 Inputs are published through the library's ``Publisher`` with tracing at the
 mode's ratio, so a step sees what it would downstream of ``sluice publish``:
-at 0.01, one input in a hundred carries a sampled trace. Modes are
-interleaved over several rounds and the median of each is reported, since
-these machines are noisy. Throughput is given per CPU second of this process
-(the exporter's thread included), which other load on the machine disturbs
-far less than wall-clock time, and per wall-clock second. Also printed: the
-publisher's encode cost per event with its ``send`` span.
+at 0.01, one input in a hundred carries a sampled trace. The publishing, its
+``send`` spans and their export happen before the measured section, in every
+mode; what is measured is the runner's work and the export of its hop spans.
 
-    python benchmarks/tracing_overhead.py [--messages 20000] [--rounds 5] [--json FILE]
+Modes are interleaved over several rounds, in orders that form a balanced
+(Williams) Latin square: every mode runs first as often as the others, and
+follows every other mode equally often, so what one mode leaves behind (a
+heap grown by 20,000 spans at 1.0) weighs on all alike. The old alternation
+ran 0.01 straight after 1.0 in half the rounds and off never. Reported per
+mode: the median over rounds, and its ratio to off's median; and the paired
+ratio, the median over rounds of the mode's figure over off's in the same
+round (with its interquartile range), which drift in the machine's load
+between rounds disturbs less. Throughput is given per CPU second of this
+process (the exporter's thread included), which other load on the machine
+disturbs far less than wall-clock time, and per wall-clock second. Also
+printed: the publisher's encode cost per event with its ``send`` span.
+
+    python benchmarks/tracing_overhead.py [--messages N] [--rounds N] [--json FILE] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -139,6 +149,27 @@ async def run_mode(mode: Mode, n: int, batch: int) -> tuple[float, float, int]:
     return n / cpu, n / elapsed, hops
 
 
+def williams(n: int) -> list[list[int]]:
+    """Orders of ``n`` items (n even) in which each comes first once and follows each other once."""
+    first = [0]
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    return [[(i + shift) % n for i in first] for shift in range(n)]
+
+
+def paired_ratios(values: list[float], off: list[float]) -> dict[str, float]:
+    """Median and quartiles over rounds of ``values[r] / off[r]``."""
+    ratios = [value / base for value, base in zip(values, off, strict=True)]
+    if len(ratios) < 2:
+        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+
+
+def _spread(ratio: dict[str, float]) -> str:
+    return f"{ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f})"
+
+
 def encode_cost_us(n: int, ratio: float | None) -> float:
     """The publisher's encode time per event, with tracing at ``ratio`` (None: off)."""
     if ratio is not None:
@@ -162,9 +193,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     walls: dict[str, list[float]] = {m.name: [] for m in MODES}
     hops: dict[str, int] = {}
     await run_mode(MODES[0], min(args.messages, 2000), args.batch)  # warm up
+    orders = williams(len(MODES))
     for round_ in range(args.rounds):
-        order = MODES if round_ % 2 == 0 else tuple(reversed(MODES))
-        for mode in order:
+        for mode in (MODES[i] for i in orders[round_ % len(orders)]):
             rate, wall, hop_spans = await run_mode(mode, args.messages, args.batch)
             rates[mode.name].append(rate)
             walls[mode.name].append(wall)
@@ -172,6 +203,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     wall_medians = {name: statistics.median(values) for name, values in walls.items()}
     off, wall_off = medians["off"], wall_medians["off"]
+    paired = {name: paired_ratios(values, rates["off"]) for name, values in rates.items()}
+    wall_paired = {name: paired_ratios(values, walls["off"]) for name, values in walls.items()}
     encode = {
         "off": encode_cost_us(args.messages, None),
         "sampled 0.01": encode_cost_us(args.messages, 0.01),
@@ -182,14 +215,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         f"{args.messages} events x {args.rounds} rounds, batch {args.batch}"
     )
     print(
-        f"{'mode':<14} {'ev/CPU s':>10} {'ratio':>7} {'CPU us/ev':>10} "
-        f"{'ev/wall s':>10} {'ratio':>7} {'hop spans':>10}"
+        f"{'mode':<14} {'ev/CPU s':>10} {'ratio':>7} {'paired (IQR)':>20} {'CPU us/ev':>10} "
+        f"{'ev/wall s':>10} {'ratio':>7} {'paired (IQR)':>20} {'hop spans':>10}"
     )
     for name, rate in medians.items():
         wall = wall_medians[name]
         print(
-            f"{name:<14} {rate:>10,.0f} {rate / off:>7.3f} {1e6 / rate:>10.1f} "
-            f"{wall:>10,.0f} {wall / wall_off:>7.3f} {hops.get(name, 0):>10}"
+            f"{name:<14} {rate:>10,.0f} {rate / off:>7.3f} {_spread(paired[name]):>20} "
+            f"{1e6 / rate:>10.1f} {wall:>10,.0f} {wall / wall_off:>7.3f} "
+            f"{_spread(wall_paired[name]):>20} {hops.get(name, 0):>10}"
         )
     print("publisher encode, CPU us/event: " + ", ".join(f"{k} {v:.1f}" for k, v in encode.items()))
     return {
@@ -200,6 +234,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "ratio_to_off": {name: rate / off for name, rate in medians.items()},
         "events_per_wall_s": wall_medians,
         "wall_ratio_to_off": {name: rate / wall_off for name, rate in wall_medians.items()},
+        # Median over rounds of mode / off within the round, and its quartiles.
+        "paired_ratio_to_off": paired,
+        "paired_wall_ratio_to_off": wall_paired,
         "all_rounds_cpu": rates,
         "all_rounds_wall": walls,
         "publisher_encode_us": encode,
@@ -209,11 +246,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--json", default=None, help="Also write the figures to this file.")
+    parser.add_argument("--note", default=None, help="Stored in the JSON: what code was measured.")
     cli = parser.parse_args()
     report = asyncio.run(main(cli))
+    if cli.note:
+        report["note"] = cli.note
     if cli.json:
         with open(cli.json, "w") as out:
             json.dump(report, out, indent=2)
