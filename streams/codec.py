@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from sluicegate.streams.envelope import Event
+from sluicegate.streams.envelope import Event, wire_dict
 from sluicegate.streams.errors import SluiceError
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -96,10 +96,17 @@ class DataRegistry:
 
 
 def encode(event: Event, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    body = orjson.dumps(event.model_dump(exclude_none=True))
+    body = orjson.dumps(wire_dict(event), default=_nested)
     if len(body) > max_bytes:
         raise EncodeError(f"event {event.id} is {len(body)} bytes, over the {max_bytes}-byte limit")
     return body
+
+
+def _nested(value: object) -> object:
+    """What orjson cannot write itself: a model in ``data`` is written as its dump."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def headers_for(event: Event) -> dict[str, str]:
@@ -146,12 +153,13 @@ def decode(
 # On the wire these must be present; the model's defaults (a fresh id, the
 # current time) are for events we create, never for ones we receive.
 WIRE_REQUIRED = ("specversion", "id", "source", "type", "time", "tenant", "session")
+_WIRE_REQUIRED = frozenset(WIRE_REQUIRED)
 
 
 def from_mapping(raw: Mapping[str, Any]) -> Event:
     """Build an :class:`Event` from already-parsed JSON, with typed errors."""
-    absent = [name for name in WIRE_REQUIRED if name not in raw]
-    if absent:
+    if not _WIRE_REQUIRED.issubset(raw.keys()):
+        absent = [name for name in WIRE_REQUIRED if name not in raw]
         raise DecodeError(REASON_MISSING, f"missing attribute {', '.join(absent)}")
     try:
         return Event.model_validate(raw)

@@ -106,7 +106,10 @@ class Pending:
     """Completed work waiting for the next checkpoint."""
 
     batch: CommitBatch
+    # Dead letters and tick outputs, produced by the checkpoint itself.
     produce: list[OutMessage] = field(default_factory=list)
+    # Outputs of this batch's events, sent ahead by the runner's Outbox.
+    sent: int = 0
     # Inputs completed into this batch (their broker ack waits for the watermark).
     inputs: int = 0
 

@@ -40,7 +40,7 @@ from typing import Any
 from sluicegate.bench.endpoints import delete_kafka_prefix, delete_nats_streams
 from sluicegate.bench.latency import warmup_count
 from sluicegate.bench.step_work import INPUT_TOPIC, OUTPUT_TOPIC, BenchGateStep, input_events
-from sluicegate.runtime import make_transport
+from sluicegate.runtime import make_transport, tune_gc
 from sluicegate.settings import Settings, TransportName
 from sluicegate.sinks.db import connect
 from sluicegate.sinks.migrate import migrate
@@ -334,6 +334,8 @@ async def run_step_case(
 ) -> StepResult:
     """Bare loop, then step (then Faust on Kafka), on one fresh topic prefix and schema."""
     n = messages
+    # The bench process collects garbage as a worker does (both loops alike).
+    tune_gc()
     config = RunnerConfig()
     result = StepResult(kind, n, warmup_count(n), batch_size=config.batch_size)
     tag = uuid.uuid4().hex[:10]
