@@ -12,13 +12,16 @@ Agent steps wait on models and tools, so a runner keeps many inputs in flight
    run concurrently and a slow event holds back only its own key. A step
    that raises is retried a bounded number of times, then dead-lettered
    (state changes of a failed attempt are discarded);
-3. **checkpoint** (group commit): what completed since the last checkpoint is
-   taken at once: its outputs are produced and their acks awaited, then one
-   Postgres transaction writes the audit rows, changed state, results and the
-   new per-partition watermarks (the highest offset below which every input
-   is done); then the broker offsets are committed / NATS acked up to the
-   watermarks. While one checkpoint runs, completions gather for the next, so
-   Postgres round trips do not grow with concurrency;
+3. **checkpoint** (group commit): each event's outputs are sent as soon as
+   it completes (``streams.outbox``); what completed since the last
+   checkpoint is taken at once: the acks of the outputs sent so far are
+   awaited, then one Postgres transaction writes the audit rows, changed
+   state, results and the new per-partition watermarks (the highest offset
+   below which every input is done); then the broker offsets are committed /
+   NATS acked up to the watermarks, by a task of their own while ``run``
+   runs (advisory: a restart seeks from Postgres). While one checkpoint
+   runs, completions gather for the next, so Postgres round trips do not
+   grow with concurrency;
 4. **backpressure**: at most ``max_in_flight`` inputs are fetched and not yet
    passed by their partition's watermark (not yet acked to the broker);
    fetching waits for room, so a slow model slows consumption instead of

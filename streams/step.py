@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, Protocol, runtime_checkable
+from typing import Any, Generic, NamedTuple, Protocol, runtime_checkable
 
 import orjson
 from pydantic import BaseModel
@@ -95,8 +95,13 @@ class ResultRecord:
     trace_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StateKey:
+class StateKey(NamedTuple):
+    """A session's key: state, ordering and concurrency are per (tenant, session).
+
+    A named tuple, not a dataclass: the runner builds and looks one up several
+    times per event, and a tuple hashes and compares in C (issue 20).
+    """
+
     tenant: str
     session: str
 
