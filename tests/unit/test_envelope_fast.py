@@ -135,3 +135,8 @@ def test_kafka_headers_answer_membership_without_a_key_error() -> None:
     assert headers.get("ce_id") == "e1"
     assert headers.get("missing") is None and headers.get("missing", "d") == "d"
     assert dict(headers) == {"ce_id": "e1"}
+    # Found by a scan before anything decoded them all, as the dict has them:
+    repeated = _Headers([("h", b"first"), ("h", b"last"), ("bad", b"\xff")])
+    assert repeated.get("h") == "last" and repeated.get("bad") == "\ufffd"
+    assert dict(repeated) == {"h": "last", "bad": "\ufffd"}
+    assert repeated.get("h") == "last" and "bad" in repeated

@@ -24,6 +24,13 @@ def _encode_headers(headers: Mapping[str, str] | None) -> list[tuple[str, bytes]
     return [(k, v.encode()) for k, v in headers.items()]
 
 
+def _text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode(errors="replace")
+
+
 class _Headers(Mapping[str, str]):
     """A record's headers, decoded on first access.
 
@@ -54,12 +61,22 @@ class _Headers(Mapping[str, str]):
 
     # Mapping's own ``__contains__`` and ``get`` go through ``__getitem__``
     # and raise a KeyError for every absent header: the runner asks every
-    # input whether it is a replay, so that cost ~10% of a step's CPU.
+    # input whether it is a replay, so that cost ~10% of a step's CPU. Until
+    # something decodes them all, one header is found by a scan of the few
+    # raw ones, decoding only its value.
     def __contains__(self, key: object) -> bool:
-        return key in self._dict()
+        if self._decoded is not None:
+            return key in self._decoded
+        return any(k == key and v is not None for k, v in self._raw)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._dict().get(key, default)
+        if self._decoded is not None:
+            return self._decoded.get(key, default)
+        found = None
+        for k, v in self._raw:
+            if k == key and v is not None:
+                found = v  # the last of a repeated header, as in the dict
+        return default if found is None else _text(found)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._dict())
