@@ -9,8 +9,9 @@ figures, in one run since these machines are noisy:
 - ``full``: the whole commit (fencing, chain, COPY, states, results, offsets);
 - ``audit``: the same batches with only audit rows and offsets (the audit writer);
 - ``raw_copy``: a plain ``BEGIN; COPY; COMMIT`` of the very rows the audit
-  writer produced (already hashed, same binary format), into a table with
-  audit_log's columns and indexes. The design budget is audit >= 0.7 x raw_copy.
+  writer produced (already hashed, binary, sent with psycopg's ``write_row``),
+  into a table with audit_log's columns and indexes. The budget (issue 20) is
+  audit >= 0.75 x raw_copy.
 
 Everything lives in a throwaway schema, dropped at the end.
 
@@ -132,8 +133,9 @@ def raw_copier(
 ) -> Callable[[list[tuple[Any, ...]]], Awaitable[None]]:
     """``BEGIN; COPY rows INTO table; COMMIT`` on ``conn``: the baseline for the audit writer.
 
-    The same format as the writer (binary, same types), so a ratio against it
-    measures the writer's own work: fencing, chaining, hashing, the extra
+    The same bytes as the writer sends (binary, same types: psycopg's
+    ``write_row`` here, ``iter_copy_data`` in the writer), so a ratio against
+    it measures the writer's own work: fencing, chaining, hashing, the extra
     statements. ``table`` should have audit_log's columns and indexes.
     """
     conn.adapters.register_dumper(None, JsonTextBinaryDumper)
@@ -194,7 +196,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         print(
             f"audit writer: {audit_rate * args.events:,.0f} rows/s; raw COPY "
-            f"{raw_rate * args.events:,.0f} rows/s; ratio {audit_rate / raw_rate:.2f} (budget 0.7)"
+            f"{raw_rate * args.events:,.0f} rows/s; ratio {audit_rate / raw_rate:.2f} (budget 0.75)"
         )
     finally:
         await full_store.close()
