@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
+
+import psycopg
 import pytest
+from psycopg import sql
+
+from sluicegate.sinks.migrate import migrate
+
+
+@pytest.fixture
+async def schema(database_url: str) -> AsyncIterator[str]:
+    """A migrated schema of this test's own, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    await migrate(database_url, schema=name)
+    yield name
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

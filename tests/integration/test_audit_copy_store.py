@@ -11,8 +11,6 @@ connection whose client encoding is not UTF-8 the store falls back to
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -24,7 +22,6 @@ from sluicegate.sinks import queries
 from sluicegate.sinks import store as store_module
 from sluicegate.sinks.audit import COPY_COLUMNS, GENESIS_HASH, ChainHead, link
 from sluicegate.sinks.db import connect
-from sluicegate.sinks.migrate import migrate
 from sluicegate.sinks.store import AUDIT_COPY_TYPES, JsonTextBinaryDumper, PostgresCheckpointStore
 from sluicegate.streams.checkpoint import CommitBatch
 from sluicegate.streams.step import AuditRecord
@@ -33,15 +30,6 @@ from sluicegate.streams.transport import TopicPartition
 pytestmark = pytest.mark.integration
 
 Conn = psycopg.AsyncConnection[Any]
-
-
-@pytest.fixture
-async def schema(database_url: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(database_url, schema=name)
-    yield name
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 def record(i: int, *, wide: bool = True, **overrides: Any) -> AuditRecord:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import psycopg
 import pytest
-from psycopg import sql
 
 from sluicegate.cli import main
-from sluicegate.sinks.migrate import migrate
 from sluicegate.sinks.store import PostgresCheckpointStore
 from sluicegate.streams.checkpoint import CommitBatch
 from sluicegate.streams.step import AuditRecord
@@ -23,15 +19,6 @@ pytestmark = pytest.mark.integration
 
 POLICY = "sha256:" + "5f1c0e8a9b12" + "0" * 52
 TRACE = "0af7651916cd43dd8448eb211c80319c"
-
-
-@pytest.fixture
-async def schema(database_url: str) -> AsyncIterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(database_url, schema=name)
-    yield name
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from sluicegate.cli import main
 from sluicegate.sinks import queries
 from sluicegate.sinks.audit import GENESIS_HASH, chain_hash
 from sluicegate.sinks.db import connect
-from sluicegate.sinks.migrate import available_migrations, migrate, pending
+from sluicegate.sinks.migrate import available_migrations, pending
 from sluicegate.sinks.store import PostgresCheckpointStore
 from sluicegate.streams.checkpoint import CommitBatch
 from sluicegate.streams.step import AuditRecord
@@ -36,16 +36,6 @@ Conn = psycopg.AsyncConnection[Any]
 STEPS = ("gate", "worker")
 PARTITIONS = (0, 1)
 ROWS_PER_CHAIN = 6
-
-
-@pytest.fixture
-async def schema(database_url: str) -> AsyncIterator[str]:
-    """A migrated schema of this test's own, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(database_url, schema=name)
-    yield name
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

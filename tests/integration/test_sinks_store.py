@@ -4,7 +4,6 @@ fencing, the hash chain across commits and partitions, results exactly once."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +16,6 @@ from psycopg.rows import dict_row
 from sluicegate.sinks import queries
 from sluicegate.sinks.audit import CANONICAL_FIELDS, GENESIS_HASH, chain_hash
 from sluicegate.sinks.db import connect
-from sluicegate.sinks.migrate import migrate
 from sluicegate.sinks.store import PostgresCheckpointStore, _Commit
 from sluicegate.streams.checkpoint import (
     CheckpointStore,
@@ -33,16 +31,6 @@ pytestmark = pytest.mark.integration
 Conn = psycopg.AsyncConnection[Any]
 TP0 = TopicPartition("tasks", 0)
 TP1 = TopicPartition("tasks", 1)
-
-
-@pytest.fixture
-async def schema(database_url: str) -> AsyncIterator[str]:
-    """A migrated schema of this test's own, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(database_url, schema=name)
-    yield name
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

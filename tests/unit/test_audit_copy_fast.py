@@ -11,7 +11,6 @@ advance alike, so the stored rows and hashes stay what they were.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 import orjson
 import psycopg
@@ -34,35 +33,12 @@ from sluicegate.sinks.audit import (
 )
 from sluicegate.sinks.store import AUDIT_COPY_TYPES, JsonTextBinaryDumper
 from sluicegate.streams.step import AuditRecord
+from tests.unit.test_audit_writer import records, text
+from tests.unit.test_sinks_audit import record
 
 T0 = datetime(2025, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
 
-text = st.text(max_size=30)  # any code point but surrogates: NUL, quotes, backslashes, é, 😀
-optional_text = st.none() | text
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
-    max_leaves=8,
-)
-records = st.builds(
-    AuditRecord,
-    kind=st.sampled_from(["processed", "decision", "dead_letter", "shadow_divergence"]),
-    step=text,
-    event_id=text,
-    event_type=text,
-    tenant=text,
-    session=text,
-    causation_id=optional_text,
-    decision=optional_text,
-    reasons=st.lists(text, max_size=3).map(tuple),
-    policy_version=optional_text,
-    trace_id=optional_text,
-    detail=st.dictionaries(text, json_values, max_size=4),
-)
+# The audit writer tests' records, the same strategies.
 
 
 def write_row_data(
@@ -108,25 +84,6 @@ def both(
     new = copy_data(chain_step, time, pairs, new_heads, chunk_rows)
     assert new_heads == old_heads
     return old, new
-
-
-def record(i: int = 0, **overrides: Any) -> AuditRecord:
-    fields: dict[str, Any] = {
-        "kind": "decision",
-        "step": "gate",
-        "event_id": f"ev-{i}",
-        "event_type": "action.proposed",
-        "tenant": "acme",
-        "session": "s-1",
-        "causation_id": "task-1",
-        "decision": "deny",
-        "reasons": ("tool not allowed", "budget"),
-        "policy_version": "sha256:abc",
-        "trace_id": "0af7651916cd43dd8448eb211c80319c",
-        "detail": {"z": 1, "a": {"y": [1, 2], "b": "é"}},
-    }
-    fields.update(overrides)
-    return AuditRecord(**fields)
 
 
 @settings(max_examples=300, deadline=None)
