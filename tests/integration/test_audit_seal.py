@@ -17,13 +17,13 @@ from psycopg.rows import dict_row
 
 from sluicegate.sinks.audit import chain_hash
 
-# The trail and the fixtures are test_audit_verify's (imported, pytest uses them).
+# The trail and the fixtures are test_audit_verify's (imported, pytest uses them;
+# ``schema`` comes from conftest.py).
 from tests.integration.test_audit_verify import (  # noqa: F401
     Conn,
     chain_row,
     cli_env,
     db,
-    schema,
     sluice,
     trail,
 )
