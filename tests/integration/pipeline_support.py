@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sluicegate.pipeline import build_steps
 from sluicegate.runtime import make_transport, run_steps
@@ -177,10 +178,13 @@ def unique_prefix() -> str:
 
 
 @asynccontextmanager
-async def running_pipeline(settings: Settings) -> AsyncIterator[None]:
-    """The reference pipeline in this process, stopped (drained) on exit."""
+async def running_pipeline(settings: Settings, run: Any = run_steps) -> AsyncIterator[None]:
+    """The reference pipeline in this process, stopped (drained) on exit.
+
+    ``run`` is the engine's runner: ``run_steps`` (native) or ``run_faust_steps``.
+    """
     stop = asyncio.Event()
-    task = asyncio.create_task(run_steps(build_steps(), settings, stop=stop))
+    task = asyncio.create_task(run(build_steps(), settings, stop=stop))
     try:
         yield
     finally:

@@ -11,7 +11,6 @@ audit timeline with who made it and why.
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from click.testing import CliRunner
 from sluicegate.cli_approvals import approvals
 from sluicegate.cli_audit import audit
 from sluicegate.faust_engine import run_faust_steps
-from sluicegate.pipeline import build_steps
+from sluicegate.runtime import run_steps
 from sluicegate.settings import Settings
 from sluicegate.streams.envelope import Event
 from tests.integration.crash_support import spawn_worker
@@ -52,19 +51,8 @@ def task(session: str, prompt: str) -> Event:
 @asynccontextmanager
 async def worker(settings: Settings, engine: str) -> AsyncIterator[None]:
     """The reference pipeline in this process, on the native or the Faust engine."""
-    if engine == "native":
-        async with running_pipeline(settings):
-            yield
-        return
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_faust_steps(build_steps(), settings, stop=stop))
-    try:
+    async with running_pipeline(settings, run_steps if engine == "native" else run_faust_steps):
         yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        del task
-        gc.collect()  # free the gate's engine on this thread (see running_pipeline)
 
 
 def sluice_approvals(settings: Settings, *args: str) -> Any:

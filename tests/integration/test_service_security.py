@@ -47,6 +47,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Until ``proc`` listens on ``port`` (20 s at most); its stderr, if piped, in the error."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"{what} did not start: {err}".rstrip(": ")) from None
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureNats]:
     home = tmp_path_factory.mktemp("secure-nats")
@@ -88,16 +102,7 @@ authorization {{
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise RuntimeError(f"nats-server with TLS did not start: {err}") from None
-                time.sleep(0.05)
+        _wait_for_port(proc, port, "nats-server with TLS")
         yield SecureNats(
             f"nats://127.0.0.1:{port}",
             home / "ca.pem",
@@ -209,15 +214,7 @@ def kafka_requiring_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Tansu with --authentication did not start") from None
-                time.sleep(0.05)
+        _wait_for_port(proc, port, "Tansu with --authentication")
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
