@@ -17,29 +17,34 @@ next step absorbs the copy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
-from sluicegate.streams.transport import OutMessage, Transport
+T = TypeVar("T")
 
 
-class Outbox:
-    """Sends queued outputs in order, one ``publish_batch`` at a time."""
+class Outbox(Generic[T]):
+    """Sends queued items in order, what gathered meanwhile in one call of ``deliver``.
+
+    The runner keeps two: its outputs (``deliver`` is the transport's
+    ``publish_batch``) and its broker acks (the subscription's ``commit``).
+    """
 
     __slots__ = (
+        "_deliver",
         "_error",
         "_progress",
         "_queue",
         "_queued",
         "_sender",
         "_sent",
-        "_transport",
         "name",
     )
 
-    def __init__(self, transport: Transport, name: str) -> None:
-        self._transport = transport
+    def __init__(self, deliver: Callable[[list[T]], Awaitable[None]], name: str) -> None:
+        self._deliver = deliver
         self.name = name
-        self._queue: list[OutMessage] = []
+        self._queue: list[T] = []
         self._sender: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         # Messages queued and acked since the start: a flush waits for the
@@ -49,20 +54,20 @@ class Outbox:
         self._sent = 0
         self._progress = asyncio.Event()
 
-    def send(self, messages: Sequence[OutMessage]) -> None:
+    def send(self, messages: Sequence[T]) -> None:
         """Queue ``messages`` behind those queued before; sending starts at once."""
         if not messages:
             return
         self._queue.extend(messages)
         self._queued += len(messages)
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(), name=f"{self.name} outputs")
+            self._sender = asyncio.create_task(self._send(), name=self.name)
 
     async def _send(self) -> None:
         try:
             while self._queue and self._error is None:
                 messages, self._queue = self._queue, []
-                await self._transport.publish_batch(messages)
+                await self._deliver(messages)
                 self._sent += len(messages)
                 self._progress.set()
         except Exception as exc:

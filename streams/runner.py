@@ -329,16 +329,21 @@ class StepRunner:
         self._marks = Watermarks()
         self._pending = Pending(CommitBatch(step=processor.name))
         # Outputs go out as their events complete; a checkpoint waits for their acks.
-        self._outbox = Outbox(transport, processor.name)
+        # (Through self.transport at each send, not its bound method now.)
+        self._outbox: Outbox[OutMessage] = Outbox(self._publish, f"{processor.name} outputs")
         self._keys: dict[StateKey, _KeyQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._busy = 0  # events inside process() right now
         self._skipped_acks: list[Message] = []
         # Broker acks of checkpointed inputs, sent by a task of their own
-        # while ``run`` runs (see _ack_in_background).
-        self._broker_acks: list[Message] = []
-        self._acker: asyncio.Task[None] | None = None
+        # while ``run`` runs: Postgres holds the progress once a checkpoint
+        # is in, so the broker's copy (a Kafka group offset, a JetStream ack
+        # floor) is advisory and a restart seeks from Postgres. Awaiting it
+        # in the checkpoint cost a broker round trip each (100-300 ms on
+        # Tansu under load, issue 20), holding up the next one. In
+        # checkpoint order, so a Kafka group offset only moves forward.
+        self._acks: Outbox[Message] = Outbox(self._ack_advisory, f"{processor.name} broker acks")
         # Serialises checkpoints with resets, so a reload never misses a commit.
         self._commit_lock = asyncio.Lock()
         # Set when work completes (the committer's cue) and when room frees up
@@ -632,12 +637,9 @@ class StepRunner:
         if messages and not stop.is_set():
             # (Fetched after a stop: left unacked, the next owner reads them.)
             self._admit_all(messages)
-            # A fetch from the client's buffer completes without suspending,
-            # so without this the loop would fetch up to the in-flight bound
-            # before any key ran, and every checkpoint would then carry the
-            # whole bound while fetching waited for room: process and commit
-            # took turns instead of overlapping (issue 20: 5 checkpoints for
-            # 20,000 events, the process half idle).
+            # A fetch from the client's buffer completes without suspending:
+            # let the admitted keys (and the committer) run before the next
+            # one, instead of fetching up to the in-flight bound first.
             await asyncio.sleep(0)
 
     async def _recover(self) -> None:
@@ -1376,7 +1378,7 @@ class StepRunner:
         committed.extend(acks)
         if self._sub is not None and committed:
             if self._running:
-                self._ack_in_background(committed)
+                self._acks.send(committed)
             else:
                 await self._ack_broker(committed)
         self.stats.batches += 1
@@ -1400,41 +1402,22 @@ class StepRunner:
             # Postgres already holds the progress; a restart seeks from it.
             log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
 
-    def _ack_in_background(self, messages: list[Message]) -> None:
-        """Ack checkpointed inputs to the broker without holding up the next checkpoint.
+    async def _publish(self, messages: list[OutMessage]) -> None:
+        await self.transport.publish_batch(messages)
 
-        Postgres holds the progress once the checkpoint is in, so the broker's
-        copy (a Kafka group offset, a JetStream ack floor) is advisory: a
-        restart seeks from Postgres. Awaiting it in the checkpoint cost the
-        step a broker round trip per checkpoint (100-300 ms on Tansu under
-        load, issue 20), during which nothing else could be checkpointed.
-        One task sends them in checkpoint order, what gathered meanwhile in
-        one commit, so a Kafka group offset only moves forward.
-        """
-        self._broker_acks.extend(messages)
-        if self._acker is None or self._acker.done():
-            self._acker = asyncio.create_task(
-                self._send_broker_acks(), name=f"{self.processor.name} broker acks"
-            )
-
-    async def _send_broker_acks(self) -> None:
-        while self._broker_acks:
-            messages, self._broker_acks = self._broker_acks, []
-            try:
-                await self._ack_broker(messages)
-            except Exception as exc:  # a closed client on shutdown, say: advisory anyway
-                log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
+    async def _ack_advisory(self, messages: list[Message]) -> None:
+        try:
+            await self._ack_broker(messages)
+        except Exception as exc:  # a closed client on shutdown, say: advisory anyway
+            log.warning("%s: broker commit failed (harmless): %s", self.processor.name, exc)
 
     async def _flush_broker_acks(self) -> None:
         """Let the acks in progress finish (bounded), before a revoke or close."""
-        acker = self._acker
-        if acker is None or acker.done():
-            return
-        done, _ = await asyncio.wait({acker}, timeout=max(1.0, self.config.drain_timeout_s))
-        if not done:
-            acker.cancel()
-            await asyncio.gather(acker, return_exceptions=True)
-            self._broker_acks.clear()
+        try:
+            async with asyncio.timeout(max(1.0, self.config.drain_timeout_s)):
+                await self._acks.flush()
+        except TimeoutError:
+            await self._acks.discard()
 
     async def _commit_with_retry(self, batch: CommitBatch) -> None:
         """Commit, retrying transient store failures; the transaction is all or nothing."""

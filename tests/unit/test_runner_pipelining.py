@@ -58,7 +58,7 @@ def out(text: str) -> OutMessage:
 async def test_the_outbox_sends_in_order_and_a_flush_waits_only_for_what_came_before() -> None:
     t = HeldTransport()
     await t.ensure_topics(["out"])
-    box = Outbox(t, "step")
+    box: Outbox[OutMessage] = Outbox(t.publish_batch, "step")
     t.release.clear()
     box.send([out("a"), out("b")])
     await until(lambda: len(t.calls) == 1, "the first send started")
@@ -78,7 +78,7 @@ async def test_the_outbox_sends_in_order_and_a_flush_waits_only_for_what_came_be
 async def test_a_failed_send_fails_the_next_flush_once_and_drops_what_was_queued() -> None:
     t = HeldTransport()
     await t.ensure_topics(["out"])
-    box = Outbox(t, "step")
+    box: Outbox[OutMessage] = Outbox(t.publish_batch, "step")
     t.fail_next = 1
     box.send([out("a")])
     with pytest.raises(TransportError, match="broker away"):
